@@ -1,0 +1,26 @@
+"""torchdam: DiscriminAtive Masking (DAM) for PyTorch.
+
+    import torchdam as dam
+    gates = dam.attach(model)                       # gate every Linear/Conv2d but the head
+    loss = task_loss + dam.penalty(model, lam)      # lam * mean(beta)
+    small = dam.compact(model, example_inputs)      # physically smaller, same outputs
+"""
+from torchdam.attach import attach, detach, gate_parameters, named_gates, penalty, widths
+from torchdam.errors import (
+    AttachError,
+    CheckpointError,
+    CompactionError,
+    ConfigError,
+    DataError,
+    ShapeError,
+    TorchDAMError,
+    UnsupportedLayerError,
+)
+from torchdam.gates import DAMGate
+
+__all__ = [
+    "AttachError", "CheckpointError", "CompactionError", "ConfigError", "DAMGate", "DataError",
+    "ShapeError", "TorchDAMError", "UnsupportedLayerError", "attach", "detach",
+    "gate_parameters", "named_gates", "penalty", "widths",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,203 @@
+"""Instrument any model with DAM gates, reversibly, without editing its class.
+
+Like ``torch.nn.utils.prune``, :func:`attach` adds state and a forward hook to existing
+submodules: the gate becomes the child ``dam_gate`` of the module whose output it scales,
+so the model's own parameter names are unchanged and ``state_dict`` simply gains
+``<layer>.dam_gate.beta``. :func:`torchdam.compact` makes it permanent in a new module.
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Iterable, Iterator, Union
+
+import torch
+from torch import Tensor, nn
+
+from torchdam.errors import AttachError, ConfigError
+from torchdam.gates import DAMGate
+
+Selector = Union[type, str]
+
+#: Layers whose output units we know how to count (and later compact), with their unit
+#: count and unit axis. Extend it to gate another layer type.
+UNIT_LAYERS: dict[type, tuple[str, int]] = {
+    nn.Linear: ("out_features", -1),
+    nn.Conv1d: ("out_channels", 1),
+    nn.Conv2d: ("out_channels", 1),
+    nn.Conv3d: ("out_channels", 1),
+    nn.BatchNorm1d: ("num_features", 1),
+    nn.BatchNorm2d: ("num_features", 1),
+    nn.BatchNorm3d: ("num_features", 1),
+}
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+GATE_ATTR = "dam_gate"
+
+
+def _units(module: nn.Module) -> tuple[int, int]:
+    for cls in type(module).__mro__:
+        if cls in UNIT_LAYERS:
+            attr, axis = UNIT_LAYERS[cls]
+            return int(getattr(module, attr)), axis
+    raise AttachError(
+        f"cannot gate a {type(module).__name__}: its unit count is unknown; "
+        f"gate one of {', '.join(c.__name__ for c in UNIT_LAYERS)} or add it to torchdam.attach.UNIT_LAYERS"
+    )
+
+
+def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
+    for s in selectors:
+        if isinstance(s, type):
+            if isinstance(module, s):
+                return True
+        elif isinstance(s, str):
+            if name == s or fnmatch.fnmatchcase(name, s):
+                return True
+        else:
+            raise ConfigError(f"layer selectors are nn.Module types or name globs, got {s!r}")
+    return False
+
+
+def _apply_gate(module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+    return getattr(module, GATE_ATTR)(output)
+
+
+def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The BatchNorm registered right after ``module`` in its parent, if it normalises the
+    same units. Gating after that norm makes a dead unit's output exactly zero; gated
+    before it, BN would turn the zeros into its bias and the unit would not be dead."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    children = list(parent.named_children())
+    for i, (child_name, child) in enumerate(children[:-1]):
+        if child_name == attr and child is module:
+            nxt_name, nxt = children[i + 1]
+            if isinstance(nxt, _NORMS) and nxt.num_features == _units(module)[0]:
+                return (f"{parent_name}.{nxt_name}" if parent_name else nxt_name), nxt
+    return None
+
+
+def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) in UNIT_LAYERS and not isinstance(m, _NORMS)]
+
+
+def attach(
+    model: nn.Module,
+    layers: Iterable[Selector] = (nn.Linear, nn.Conv2d),
+    exclude: Iterable[Selector] = (),
+    *,
+    include_output: bool = False,
+    after_norm: bool = True,
+    gate: str = "relu_tanh",
+    k: float = 5.0,
+    beta_init: float | None = None,
+    alpha: float = 1.0,
+) -> dict[str, DAMGate]:
+    """Put a DAM gate on the output of every matching submodule of ``model`` (in place).
+
+    Args:
+        layers: module types and/or qualified names or globs (``"features.*"``) to gate.
+        exclude: the same kinds of selectors, to skip.
+        include_output: also gate the model's final output layer (the last Linear/Conv
+            registered), which is skipped by default since its width is the task's.
+        after_norm: when a gated layer is directly followed by a BatchNorm over the same
+            units (the next registered sibling), the gate acts on that norm's output.
+        gate, k, beta_init, alpha: passed to :class:`DAMGate`.
+
+    Returns:
+        ``{qualified name of the gated layer: gate}`` in registration order.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> list(attach(net))
+        ['0']
+    """
+    layers, exclude = tuple(layers), tuple(exclude)
+    if not layers:
+        raise AttachError("attach needs at least one layer type or name in `layers`")
+    leaves = _leaf_layers(model)
+    output_name = leaves[-1][0] if leaves else None
+    gates: dict[str, DAMGate] = {}
+    for name, module in list(model.named_modules()):
+        if not name or not _matches(name, module, layers) or _matches(name, module, exclude):
+            continue
+        if name == output_name and not include_output:
+            continue
+        if any(isinstance(c, DAMGate) for c in module.children()):
+            raise AttachError(f"layer {name!r} already has a DAM gate; call torchdam.detach(model) first")
+        n, axis = _units(module)
+        host, host_name = module, name
+        if after_norm and not isinstance(module, _NORMS):
+            found = _following_norm(model, name, module)
+            if found is not None:
+                host_name, host = found
+        g = DAMGate(n, axis=axis, gate=gate, k=k, beta_init=beta_init, alpha=alpha)
+        ref = next(model.parameters(), None)
+        if ref is not None:
+            g.to(ref.device)
+        setattr(host, GATE_ATTR, g)
+        g.producer_name, g.host_name = name, host_name
+        host.register_forward_hook(_apply_gate)
+        gates[name] = g
+    if not gates:
+        what = ", ".join(s.__name__ if isinstance(s, type) else repr(s) for s in layers)
+        raise AttachError(
+            f"attach matched no layer of {type(model).__name__} for layers=({what})"
+            + (" after exclusions" if exclude else "")
+            + ("; the only match is the output layer (pass include_output=True to gate it)"
+               if output_name and _matches(output_name, model.get_submodule(output_name), layers) else "")
+        )
+    return gates
+
+
+def named_gates(model: nn.Module) -> Iterator[tuple[str, DAMGate]]:
+    """``(gated layer name, gate)`` for every gate in ``model`` (DDP/compile wrappers too)."""
+    for name, module in model.named_modules():
+        if isinstance(module, DAMGate):
+            yield getattr(module, "producer_name", name.rpartition(".")[0]), module
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The betas: train them in their own parameter group (own lr, no weight decay)."""
+    return [g.beta for _, g in named_gates(model)]
+
+
+def penalty(model: nn.Module, lam: float | Tensor) -> Tensor:
+    """``lam * mean_i clamp(beta_i, min=-5)`` over the model's gates (PAPER.md section 2).
+
+    The clamp stops betas sinking without bound once a layer is already fully off.
+    """
+    if isinstance(lam, (int, float)) and lam < 0:
+        raise ConfigError(f"lambda must be >= 0, got {lam}")
+    betas = gate_parameters(model)
+    if not betas:
+        raise AttachError("penalty: the model has no DAM gates; call torchdam.attach(model) first")
+    return lam * torch.stack([b.clamp(min=-5.0) for b in betas]).mean()
+
+
+def widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{gated layer: (active units, total units)}``; active = gate > 0."""
+    return {name: (int(g.active()), g.n) for name, g in named_gates(model)}
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every gate and its hook (in place), leaving the model as it was."""
+    for module in model.modules():
+        if isinstance(getattr(module, GATE_ATTR, None), DAMGate):
+            delattr(module, GATE_ATTR)
+            for key, hook in list(module._forward_hooks.items()):
+                if hook is _apply_gate:
+                    del module._forward_hooks[key]
+    return model
+
+
+def warn_dead_layers(model: nn.Module) -> list[str]:
+    """Warn (once per call) about layers whose units have all died; returns their names."""
+    dead = [name for name, (active, _) in widths(model).items() if active == 0]
+    if dead:
+        warnings.warn(
+            f"every unit of {', '.join(dead)} is off (beta below -k(n-1)/n); compact() keeps "
+            "min_width units there so the network stays connected. Lower lambda to avoid it.",
+            stacklevel=2,
+        )
+    return dead

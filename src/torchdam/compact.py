@@ -1,0 +1,285 @@
+"""Make a gated model physically smaller: remove dead units, fold live gates into weights.
+
+DAM gates decide *what* goes; this module decides *how*, in three steps on a copy:
+
+1. **Fold**: each gate's values ``g`` multiply the output units of the module it hooks
+   (a Linear/Conv's weight rows and bias, or a BatchNorm's affine), so the copy computes
+   exactly what the gated model did without gates. Dead units now output exact zeros.
+2. **Remove**: Torch-Pruning's dependency graph (traced from ``example_inputs``) finds
+   every layer coupled to a gated layer's output units (its BatchNorm, the consumers'
+   input channels, a Flatten's index mapping into the next Linear, ...) and removes the
+   dead units from all of them. We use it rather than our own graph surgery because it is
+   maintained against PyTorch's op set and already covers flatten/concat/split mappings.
+3. **Residual streams**: when a gated layer's output is added to an ungated stream (the
+   paper's pre-activation bottleneck ``conv3``), its dead channels cannot leave the stream.
+   Torch-Pruning would couple them with every layer on the stream, so instead we shrink
+   only the gated layer (its dead channels are not computed) and wrap it in
+   :class:`ScatterUnits`, which writes the live channels back into a zero tensor of the
+   stream's width. The same happens when the zeros would pass through a BatchNorm before
+   any consumer (pre-activation: BN turns them into its bias, so they are not dead there)
+   and for a gated layer whose units are the model's output.
+
+Finally the compacted copy is checked against the gated model on ``example_inputs``.
+Per-layer rules live in small tables (:data:`FOLDERS`) that users can extend.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from torchdam.attach import GATE_ATTR, detach
+from torchdam.errors import CompactionError, ShapeError, UnsupportedLayerError
+from torchdam.gates import DAMGate
+
+
+def _fold_rows(weight_dim: int) -> Callable[[nn.Module, Tensor], None]:
+    """Folder for layers whose output units index ``weight`` along ``weight_dim``."""
+
+    def fold(module: nn.Module, g: Tensor) -> None:
+        shape = [1] * module.weight.dim()
+        shape[weight_dim] = -1
+        module.weight.mul_(g.view(shape))
+        if module.bias is not None:
+            module.bias.mul_(g)
+
+    return fold
+
+
+def _fold_norm(module: nn.Module, g: Tensor) -> None:
+    if not module.affine:
+        # BN without affine: give it one, exactly the identity scaled by g.
+        module.affine = True
+        module.weight = nn.Parameter(torch.ones_like(g))
+        module.bias = nn.Parameter(torch.zeros_like(g))
+    module.weight.mul_(g)
+    module.bias.mul_(g)
+
+
+#: module type -> function scaling its output units by ``g`` in place. Extend it (or use
+#: :func:`register_folder`) to compact a gate hooked on another layer type.
+FOLDERS: dict[type, Callable[[nn.Module, Tensor], None]] = {
+    nn.Linear: _fold_rows(0),
+    nn.Conv1d: _fold_rows(0),
+    nn.Conv2d: _fold_rows(0),
+    nn.Conv3d: _fold_rows(0),
+    nn.BatchNorm1d: _fold_norm,
+    nn.BatchNorm2d: _fold_norm,
+    nn.BatchNorm3d: _fold_norm,
+}
+
+
+def register_folder(layer_type: type, fold: Callable[[nn.Module, Tensor], None]) -> None:
+    """Teach :func:`compact` to fold a gate hooked on ``layer_type``."""
+    FOLDERS[layer_type] = fold
+
+
+class ScatterUnits(nn.Module):
+    """Runs a narrowed layer and puts its live units back at their places in a zero
+    tensor of the original width, so a residual stream keeps its width while the dead
+    units are never computed."""
+
+    def __init__(self, module: nn.Module, index: Sequence[int], total: int, axis: int) -> None:
+        super().__init__()
+        self.module = module
+        self.total = int(total)
+        self.axis = int(axis)
+        self.register_buffer("index", torch.as_tensor(list(index), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.module(x)
+        axis = self.axis % y.dim()
+        shape = list(y.shape)
+        shape[axis] = self.total
+        return y.new_zeros(shape).index_copy_(axis, self.index, y)
+
+    def extra_repr(self) -> str:
+        return f"live={self.index.numel()}, total={self.total}, axis={self.axis}"
+
+
+@dataclass
+class _Gated:
+    name: str
+    producer: nn.Module
+    host_name: str
+    host: nn.Module
+    axis: int
+    total: int
+    keep: list[int]
+    dead: list[int]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+        )
+        if inner is None:
+            return model
+        model = inner
+
+
+def as_tuple(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def run_eval(model: nn.Module, example_inputs) -> list[Tensor]:
+    """Outputs of ``model`` in eval mode, as a flat list; restores its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*as_tuple(example_inputs))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        shapes = [tuple(t.shape) for t in as_tuple(example_inputs) if isinstance(t, Tensor)]
+        raise ShapeError(f"example_inputs of shape {shapes} do not fit {type(model).__name__}: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    finally:
+        model.train(was_training)
+    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+
+
+def _collect(small: nn.Module, min_width: int) -> list[_Gated]:
+    gated = []
+    for host_name, host in small.named_modules():
+        gate = getattr(host, GATE_ATTR, None)
+        if not isinstance(gate, DAMGate):
+            continue
+        name = getattr(gate, "producer_name", host_name)
+        g = gate.mask().detach()
+        live = torch.nonzero(g > 0).flatten().tolist()
+        if len(live) < min_width:
+            warnings.warn(
+                f"layer {name!r}: {len(live)} of {gate.n} units are live; keeping the top "
+                f"{min_width} (min_width) so the network stays connected", stacklevel=3)
+            live = sorted(set(live) | set(range(gate.n - min_width, gate.n)))
+        fold = next((FOLDERS[c] for c in type(host).__mro__ if c in FOLDERS), None)
+        if fold is None:
+            raise UnsupportedLayerError(
+                f"cannot compact gated layer {host_name!r} of type {type(host).__name__}: no folding "
+                "rule; register one with torchdam.compact.register_folder")
+        fold(host, g)
+        dead = sorted(set(range(gate.n)) - set(live))
+        axis = gate.axis if gate.axis is not None else 1
+        gated.append(_Gated(name, small.get_submodule(name), host_name, host, axis, gate.n, live, dead))
+    return gated
+
+
+def _needs_scatter(dg: tp.DependencyGraph, group, layer: _Gated) -> bool:
+    """True when removing the dead units from every coupled layer would not be exact:
+
+    - they are coupled with other producers' outputs (a residual stream);
+    - they reach a normalisation after the gate (pre-activation blocks: the next block's
+      BN turns the zeros into its bias, so consumers do see them);
+    - nothing consumes them (they are the model's output).
+    """
+    coupled = consumers = False
+    for dep, _ in group:
+        module = dep.target.module
+        if dg.is_out_channel_pruning_fn(dep.handler) and module is not layer.producer:
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                coupled = True
+            elif isinstance(module, nn.modules.batchnorm._NormBase) and module is not layer.host:
+                coupled = True
+        if dg.is_in_channel_pruning_fn(dep.handler):
+            consumers = True
+    return coupled or not consumers
+
+
+def _shrink_outputs(dg: tp.DependencyGraph, module: nn.Module, dead: list[int], name: str) -> None:
+    pruner = dg.get_pruner_of_module(module)
+    if pruner is None:
+        raise UnsupportedLayerError(f"cannot remove units of {name!r} ({type(module).__name__})")
+    pruner.prune_out_channels(module, dead)
+
+
+def compact(
+    model: nn.Module,
+    example_inputs,
+    *,
+    min_width: int = 1,
+    verify: bool = True,
+    rtol: float = 1e-5,
+) -> nn.Module:
+    """A new, gate-free, physically smaller copy of ``model`` with the same outputs.
+
+    Args:
+        model: a model instrumented by :func:`torchdam.attach` (left unchanged).
+        example_inputs: a tensor or tuple of tensors the model accepts; used to trace the
+            dependency graph and to check the result.
+        min_width: units kept in a layer whose units all died (the kept ones output zero,
+            exactly as in the gated model), so the network keeps its shapes; warns.
+        verify: compare outputs with the gated model (eval mode) and raise
+            :class:`CompactionError` if ``max|diff| > rtol * max(1, max|output|)``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = torchdam.attach(net)
+        >>> small = compact(net, torch.randn(3, 4))
+    """
+    if min_width < 1:
+        raise CompactionError(f"min_width must be >= 1, got {min_width}")
+    source = unwrap(model)
+    if not any(isinstance(m, DAMGate) for m in source.modules()):
+        raise CompactionError("compact: the model has no DAM gates; call torchdam.attach(model) first")
+    reference = run_eval(source, example_inputs)
+    small = copy.deepcopy(source).eval()
+    with torch.no_grad():
+        gated = _collect(small, min_width)
+    detach(small)
+    for p in small.parameters():
+        p.requires_grad_(True)
+    dg = tp.DependencyGraph().build_dependency(small, example_inputs=as_tuple(example_inputs), verbose=False)
+    stream = []
+    for layer in gated:
+        if not layer.dead:
+            continue
+        pruner = dg.get_pruner_of_module(layer.producer)
+        if pruner is None:
+            raise UnsupportedLayerError(
+                f"cannot remove units of {layer.name!r}: Torch-Pruning has no rule for "
+                f"{type(layer.producer).__name__}")
+        group = dg.get_pruning_group(layer.producer, pruner.prune_out_channels, layer.dead)
+        if _needs_scatter(dg, group, layer):
+            stream.append(layer)
+        else:
+            group.prune(record_history=False)
+    for layer in stream:
+        _shrink_outputs(dg, layer.producer, layer.dead, layer.name)
+        if layer.host is not layer.producer:
+            _shrink_outputs(dg, layer.host, layer.dead, layer.host_name)
+        small.set_submodule(layer.host_name, ScatterUnits(layer.host, layer.keep, layer.total, layer.axis))
+    for p in small.parameters():
+        p.requires_grad_(False)
+    small.eval()
+    if verify:
+        check_equivalent(small, reference, example_inputs, rtol)
+    return small
+
+
+def check_equivalent(small: nn.Module, reference: list[Tensor], example_inputs, rtol: float = 1e-5) -> float:
+    """Max abs difference between ``small``'s outputs and ``reference``; raises past tolerance."""
+    try:
+        got = run_eval(small, example_inputs)
+    except ShapeError as exc:
+        raise CompactionError(f"the compacted model no longer runs: {exc}") from exc
+    worst = 0.0
+    for ref, out in zip(reference, got, strict=True):
+        if ref.shape != out.shape:
+            raise CompactionError(f"compaction changed an output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        diff = float((ref - out).abs().max()) if ref.numel() else 0.0
+        if diff > rtol * scale:
+            raise CompactionError(
+                f"compacted outputs differ from the gated model by {diff:.3g} (tolerance "
+                f"{rtol * scale:.3g}); a gated layer's dead units do not reach zero before "
+                "their consumers (e.g. a BatchNorm after the gate that attach did not see)")
+        worst = max(worst, diff)
+    return worst

@@ -1,0 +1,131 @@
+import pytest
+import torch
+from torch import nn
+
+import torchdam as dam
+from torchdam import AttachError, ConfigError
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 2)
+    )
+
+
+def test_attach_skips_output_layer_and_keeps_parameter_names():
+    model = mlp()
+    names_before = list(model.state_dict())
+    gates = dam.attach(model)
+    assert list(gates) == ["1", "3"]
+    assert [n for n in model.state_dict() if "dam_gate" not in n] == names_before
+    assert "1.dam_gate.beta" in model.state_dict()
+
+
+def test_include_output_gates_the_head():
+    assert list(dam.attach(mlp(), include_output=True)) == ["1", "3", "5"]
+
+
+def test_gate_acts_after_following_batchnorm():
+    model = cnn()
+    gates = dam.attach(model)
+    assert gates["0"].host_name == "1"
+    with torch.no_grad():
+        gates["0"].beta.fill_(-2.5)  # kills units 0, 1
+    seen = {}
+    model[2].register_forward_hook(lambda m, i, o: seen.setdefault("relu", o))
+    model.train()
+    model(torch.randn(8, 1, 6, 6))
+    # with the gate after BN, dead channels are exactly zero even in training mode
+    assert torch.all(seen["relu"][:, :2] == 0)
+
+
+def test_select_by_name_glob_and_exclude():
+    model = mlp()
+    assert list(dam.attach(model, layers=("[13]",))) == ["1", "3"]
+    model = mlp()
+    assert list(dam.attach(model, layers=(nn.Linear,), exclude=("3",))) == ["1"]
+
+
+def test_attach_on_a_user_module_tree():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(10, 7), nn.Tanh())
+            self.decoder = nn.Linear(7, 10)
+
+        def forward(self, x):
+            return self.decoder(self.encoder(x))
+
+    net = Net()
+    gates = dam.attach(net)
+    assert list(gates) == ["encoder.0"]
+    assert net(torch.randn(2, 10)).shape == (2, 10)
+
+
+def test_attach_matching_nothing_is_a_clear_error():
+    with pytest.raises(AttachError, match="matched no layer"):
+        dam.attach(mlp(), layers=(nn.Conv2d,))
+    with pytest.raises(AttachError, match="include_output"):
+        dam.attach(nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_double_attach_refused_and_detach_restores():
+    model = mlp()
+    x = torch.randn(2, 12)
+    before = model(x)
+    gates = dam.attach(model)
+    with pytest.raises(AttachError, match="already has"):
+        dam.attach(model)
+    for g in gates.values():
+        g.beta.data.fill_(-3.0)
+    assert not torch.allclose(model(x), before)
+    dam.detach(model)
+    assert torch.equal(model(x), before)
+    assert not list(dam.named_gates(model))
+
+
+def test_unsupported_selector_type():
+    with pytest.raises(ConfigError):
+        dam.attach(mlp(), layers=(3,))
+
+
+def test_penalty_value_and_gradient():
+    model = mlp()
+    gates = list(dam.attach(model).values())
+    gates[0].beta.data.fill_(0.5)
+    gates[1].beta.data.fill_(-7.0)  # clamped at -5: no gradient
+    lam = 0.3
+    p = dam.penalty(model, lam)
+    assert p.item() == pytest.approx(lam * (0.5 + -5.0) / 2)
+    p.backward()
+    assert gates[0].beta.grad.item() == pytest.approx(lam / 2)
+    assert gates[1].beta.grad.item() == 0.0
+
+
+def test_penalty_rejects_negative_lambda_and_ungated_model():
+    model = mlp()
+    dam.attach(model)
+    with pytest.raises(ConfigError):
+        dam.penalty(model, -0.1)
+    with pytest.raises(AttachError):
+        dam.penalty(mlp(), 0.1)
+
+
+def test_widths_counts_live_units():
+    model = mlp()
+    gates = dam.attach(model)
+    gates["1"].beta.data.fill_(-2.5)  # 8 units: j > 4 live -> 3
+    assert dam.widths(model) == {"1": (3, 8), "3": (6, 6)}
+
+
+def test_all_dead_layer_warns():
+    from torchdam.attach import warn_dead_layers
+
+    model = mlp()
+    dam.attach(model)["1"].beta.data.fill_(-5.0)
+    with pytest.warns(UserWarning, match="every unit of 1"):
+        assert warn_dead_layers(model) == ["1"]

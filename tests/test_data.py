@@ -1,6 +1,7 @@
 """Data loaders: real MNIST / Fashion-MNIST, pinned by sha256, split and normalised."""
 from __future__ import annotations
 
+import os
 import gzip
 import hashlib
 import sys
@@ -34,6 +35,8 @@ def _arrays_or_skip(name: str) -> dict[str, np.ndarray]:
     try:
         return ARRAYS[name]()
     except DataError as err:
+        if os.environ.get("CI"):  # CI installs every dataset: missing data there is a failure
+            raise
         pytest.skip(str(err))
 
 

@@ -6,6 +6,10 @@
     small = dam.compact(model, example_inputs)      # physically smaller, same outputs
 """
 from torchdam.attach import attach, detach, gate_parameters, named_gates, penalty, widths
+from torchdam.compact import compact
+from torchdam.count import count, latency
+from torchdam.serialize import load, save
+from torchdam.train import TrainConfig, Trainer
 from torchdam.errors import (
     AttachError,
     CheckpointError,
@@ -20,7 +24,8 @@ from torchdam.gates import DAMGate
 
 __all__ = [
     "AttachError", "CheckpointError", "CompactionError", "ConfigError", "DAMGate", "DataError",
-    "ShapeError", "TorchDAMError", "UnsupportedLayerError", "attach", "detach",
-    "gate_parameters", "named_gates", "penalty", "widths",
+    "ShapeError", "TorchDAMError", "TrainConfig", "Trainer", "UnsupportedLayerError", "attach",
+    "compact", "count", "detach", "gate_parameters", "latency", "load", "named_gates", "penalty",
+    "save", "widths",
 ]
 __version__ = "0.1.0"

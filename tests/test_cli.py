@@ -1,0 +1,94 @@
+"""The CLI end to end on real MNIST (a small slice), and its bad-input contract."""
+import json
+
+import pytest
+import torch
+
+import torchdam
+from torchdam.cli import main
+from torchdam.data import load_dataset
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--limit", "3000", "--epochs", "2", "--lam", "2", "--beta-lr", "0.01",
+              "--latency-repeats", "3", "--no-progress", "--out", str(out)])
+    assert exit_info.value.code == 0
+    return out
+
+
+def test_prune_writes_report_plots_log_and_compacted_model(smoke_run):
+    for name in ["report.md", "report.json", "log.jsonl", "widths.png", "history.png",
+                 "compacted/model.safetensors", "compacted/architecture.json", "best.safetensors",
+                 "gated.safetensors"]:
+        assert (smoke_run / name).exists(), name
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert report["test_acc_gated"] == report["test_acc_compacted"] > 0.5
+    assert report["after"]["params"] < report["before"]["params"]
+    assert report["after"]["flops"] < report["before"]["flops"]
+    assert len((smoke_run / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_reloaded_compacted_model_gives_the_same_predictions(smoke_run):
+    from safetensors.torch import load_file
+
+    from torchdam.models import build_model
+
+    report = json.loads((smoke_run / "report.json").read_text())
+    small = torchdam.load(smoke_run / "compacted")
+    assert torchdam.serialize.load_metadata(smoke_run / "compacted")["widths"] == report["widths"]
+    gated = build_model("lenet300")
+    torchdam.attach(gated)
+    gated.load_state_dict(load_file(str(smoke_run / "gated.safetensors")))
+    gated.eval()
+    x, y = load_dataset("mnist").test.tensors
+    with torch.no_grad():
+        pred_small, pred_gated = small(x).argmax(1), gated(x).argmax(1)
+    assert torch.equal(pred_small, pred_gated)
+    assert (pred_small == y).sum().item() == round(report["test_acc_compacted"] * len(y))
+
+
+def test_evaluate_command_reloads(smoke_run, capsys):
+    code, out, _ = run_cli(["evaluate", str(smoke_run / "compacted")], capsys)
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert code == 0 and f"{100 * report['test_acc_compacted']:.2f}%" in out
+
+
+BAD = [
+    (["prune", "--model", "vgg99"], "unknown model 'vgg99'"),
+    (["prune", "--data", "imagenet"], "unknown dataset 'imagenet'"),
+    (["prune", "--lam", "-0.5"], "lam (lambda) must be >= 0"),
+    (["prune", "--epochs", "0"], "epochs must be >= 1"),
+    (["prune", "--optimizer", "rmsprop", "--limit", "100"], "unknown optimizer"),
+    (["prune", "--gate", "sigmoid", "--limit", "100"], "unknown gate type"),
+    (["prune", "--layers", "nothing.here*", "--limit", "100"], "matched no layer"),
+    (["prune", "--layers", "lstm"], "unknown layer selector"),
+    (["prune", "--epochs", "abc"], "Invalid value"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys, tmp_path):
+    code, _, err = run_cli(args + ["--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_dataset_names_the_package_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TORCHDAM_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    from torchdam.data import mnist
+
+    if hasattr(mnist, "_decode_fashion_mnist"):
+        mnist._decode_fashion_mnist.cache_clear() if hasattr(mnist._decode_fashion_mnist, "cache_clear") else None
+    code, _, err = run_cli(["prune", "--data", "fashion_mnist", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "apt-get install -y dataset-fashion-mnist" in err

@@ -129,3 +129,18 @@ def test_all_dead_layer_warns():
     dam.attach(model)["1"].beta.data.fill_(-5.0)
     with pytest.warns(UserWarning, match="every unit of 1"):
         assert warn_dead_layers(model) == ["1"]
+
+
+def test_gated_model_compiles_without_graph_breaks():
+    """No host sync in the gate: dynamo traces the hooked forward as one graph."""
+    torch.manual_seed(0)
+    model = mlp()
+    dam.attach(model)["1"].beta.data.fill_(-1.0)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 12)
+    loss = compiled(x).square().sum() + dam.penalty(model, 0.1)
+    loss.backward()
+    grad = model[1].dam_gate.beta.grad.clone()
+    model.zero_grad()
+    (model(x).square().sum() + dam.penalty(model, 0.1)).backward()
+    assert torch.allclose(grad, model[1].dam_gate.beta.grad)

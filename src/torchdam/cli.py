@@ -21,10 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def prune(
     model: str = typer.Option("lenet300", help="zoo model: see `torchdam models`"),
     data: str = typer.Option("mnist", help="dataset: mnist, fashion_mnist"),
-    lam: float = typer.Option(0.5, help="penalty weight lambda (>= 0)"),
-    epochs: int = typer.Option(20, help="training epochs (single stage, no fine-tuning)"),
+    lam: float = typer.Option(0.15, help="penalty weight lambda (>= 0)"),
+    epochs: int = typer.Option(15, help="training epochs (single stage, no fine-tuning)"),
     lr: float = typer.Option(0.05, help="learning rate of the weights"),
-    beta_lr: float = typer.Option(0.001, help="learning rate of the gates' betas (sets pruning speed)"),
+    beta_lr: float = typer.Option(0.002, help="learning rate of the gates' betas (sets pruning speed)"),
     optimizer: str = typer.Option("sgd", help="sgd or adam"),
     momentum: float = typer.Option(0.9),
     weight_decay: float = typer.Option(0.0, help="weight decay of the weights (never of beta)"),

@@ -88,6 +88,22 @@ def evaluate(
     typer.echo(f"{path}: test accuracy {100 * result['acc']:.2f}% on {data}")
 
 
+@app.command()
+def reproduce(
+    name: str = typer.Argument(..., help="experiment: see `torchdam reproduce --help` or REPRODUCTION.md"),
+    quick: bool = typer.Option(False, help="seconds-long smoke version"),
+    seeds: Optional[int] = typer.Option(None, help="number of seeds (default: the experiment's protocol)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default runs/reproduce/NAME)"),
+) -> None:
+    """Run one of the paper's experiments; writes results.json, results.md and plots."""
+    from torchdam.experiments import run_experiment
+
+    out_dir = out or Path("runs/reproduce") / name
+    run_experiment(name, out_dir, quick=quick, seeds=seeds)
+    typer.echo((out_dir / "results.md").read_text())
+    typer.echo(f"wrote {out_dir}/")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors -> one line on stderr, exit code 2."""
     try:

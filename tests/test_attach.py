@@ -144,3 +144,79 @@ def test_gated_model_compiles_without_graph_breaks():
     model.zero_grad()
     (model(x).square().sum() + dam.penalty(model, 0.1)).backward()
     assert torch.allclose(grad, model[1].dam_gate.beta.grad)
+
+
+def _hooked_reference(model, x):
+    """The gated output computed the plain way: every host's output times its mask."""
+    from torchdam.attach import GatedForward
+
+    hosts = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), GatedForward)]
+    saved = [m.__dict__.pop("forward") for m in hosts]
+    handles = [m.register_forward_hook(lambda mod, i, o: mod.dam_gate(o)) for m in hosts]
+    try:
+        return model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in zip(hosts, saved):
+            m.forward = f
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_gated_forwards_equal_scaling_the_output(train):
+    """BN hosts scale their affine and Linear hosts may scale weight rows: same numbers as
+    multiplying the host's output by the mask, and BN running stats update identically."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(5 * 16, 7), nn.ReLU(), nn.Linear(7, 3))
+    for i, g in enumerate(dam.attach(model).values()):
+        g.beta.data.fill_(-1.0 - i)
+    model.train(train)
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 2, 8, 8)
+    fast, ref = model(x), _hooked_reference(twin, x)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    assert torch.allclose(model[1].running_mean, twin[1].running_mean)
+    assert int(model[1].num_batches_tracked) == int(twin[1].num_batches_tracked)
+
+
+def test_deepcopy_rebinds_the_gated_forward_and_detach_restores_the_class_forward():
+    import copy
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    gates = dam.attach(model)
+    twin = copy.deepcopy(model)
+    gates["0"].beta.data.fill_(-4.0)  # changes the original only
+    x = torch.randn(5, 4)
+    model.eval(), twin.eval()
+    assert not torch.allclose(model(x), twin(x))
+    dam.detach(model)
+    assert "forward" not in model[1].__dict__
+    assert torch.equal(model(x), nn.Sequential(*model)(x))
+
+
+def test_attach_twice_through_the_following_batchnorm_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    dam.attach(model, layers=("0",))
+    with pytest.raises(AttachError, match="already has"):
+        dam.attach(model, layers=("0",))
+
+
+def test_linear_weight_row_scaling_equals_output_scaling():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))  # weight 15 < output 64*5
+    dam.attach(model)["0"].beta.data.fill_(-2.2)
+    x = torch.randn(64, 3)
+    fast = model(x)
+    fast.sum().backward()
+    grad_fast = model[0].dam_gate.beta.grad.clone()
+    twin = copy.deepcopy(model)
+    twin.zero_grad()
+    ref = _hooked_reference(twin, x)
+    ref.sum().backward()
+    assert torch.allclose(fast, ref, atol=1e-6)
+    assert torch.allclose(grad_fast, twin[0].dam_gate.beta.grad, atol=1e-5)

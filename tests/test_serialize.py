@@ -268,3 +268,22 @@ def _random_sequential(draw):
 def test_random_sequentials_round_trip(tmp_path, model_and_input):
     model, x = model_and_input
     _assert_round_trip(model.eval(), x, tmp_path)
+
+
+def test_compacted_residual_model_round_trips(tmp_path):
+    """A compacted pre-activation ResNet (narrowed convs + ScatterUnits) reloads exactly."""
+    import torchdam as dam
+    from torchdam.compact import ScatterUnits
+    from torchdam.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("preresnet", depth=11)
+    for i, g in enumerate(dam.attach(model).values()):
+        g.beta.data.fill_(-1.0 - (i % 3))
+    x = torch.randn(2, 3, 32, 32)
+    small = dam.compact(model, x)
+    assert any(isinstance(m, ScatterUnits) for m in small.modules())
+    reloaded = load(save(small, tmp_path / "m"))
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), small(x))

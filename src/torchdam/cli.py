@@ -2,6 +2,8 @@
 
 Every error torchdam raises on purpose (:class:`torchdam.errors.TorchDAMError`) becomes
 one line on stderr and exit code 2; so does a bad option (typer/click's own usage error).
+Ctrl-C is exit code 130 (128 + SIGINT, the shell's convention), after `prune` has saved a
+checkpoint that `--resume` continues from.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from typing import List, Optional
 import typer
 
 from torchdam.errors import TorchDAMError
+
+INTERRUPTED = ("torchdam: interrupted; everything written so far is kept "
+               "(`torchdam prune ... --resume OUT` continues a training run)")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DiscriminAtive Masking: learn a compact width in one training run, then ship it.")
@@ -42,23 +47,37 @@ def prune(
     latency_repeats: int = typer.Option(30, help="timed forwards per latency median"),
     out: Path = typer.Option(Path("runs/prune"), help="output folder"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    checkpoint_every: int = typer.Option(0, help="also checkpoint every N steps (0: at each epoch's end only)"),
+    resume: Optional[Path] = typer.Option(
+        None, help="continue the killed or interrupted run in this folder (its outputs go there too)"),
 ) -> None:
-    """Train with DAM gates, compact, and report accuracy, widths, params, FLOPs, latency."""
+    """Train with DAM gates, compact, and report accuracy, widths, params, FLOPs, latency.
+
+    Under `torchrun --nproc_per_node N` it trains with DDP (--batch-size per process) and
+    rank 0 alone writes and prints."""
     from torchdam.prune import PruneJob, run
     from torchdam.report import format_report
     from torchdam.train import TrainConfig
 
     job = PruneJob(
         model=model, data=data, gate=gate, layers=tuple(layers), exclude=tuple(exclude), limit=limit,
-        min_width=min_width, checkpoint=checkpoint, latency_repeats=latency_repeats, out_dir=out,
+        min_width=min_width, checkpoint=checkpoint, latency_repeats=latency_repeats,
+        out_dir=resume or out, resume=resume is not None,
         train=TrainConfig(
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
             weight_decay=weight_decay, beta_lr=beta_lr, lam=lam, cold_start=cold_start,
-            schedule=schedule, milestones=tuple(milestones), seed=seed, progress=progress),
+            schedule=schedule, milestones=tuple(milestones), seed=seed, progress=progress,
+            checkpoint_every=checkpoint_every),
     )
-    report = run(job)
+    try:
+        report = run(job)
+    except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+        typer.echo(INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
+    if report is None:  # a DDP rank other than 0
+        return
     typer.echo(format_report(report))
-    typer.echo(f"wrote {out}/: report.md, report.json, log.jsonl, widths.png, history.png, compacted/")
+    typer.echo(f"wrote {job.out_dir}/: report.md, report.json, log.jsonl, widths.png, history.png, compacted/")
 
 
 @app.command()
@@ -106,14 +125,27 @@ def reproduce(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors -> one line on stderr, exit code 2."""
+    try:  # typer >= 0.2x vendors click; older typer uses click itself
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app(args=argv, standalone_mode=True)
+        code = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        # `torchdam` with no command: show the help, as git/pip do
+        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(0)
+    except UsageError as exc:  # bad option or value: one line, not click's usage box
+        typer.echo(f"torchdam: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo(INTERRUPTED, err=True)
+        sys.exit(130)
     except TorchDAMError as exc:
         typer.echo(f"torchdam: error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("torchdam: interrupted; everything written so far is kept", err=True)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch_pruning as tp
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
@@ -90,11 +91,19 @@ class ScatterUnits(nn.Module):
         self.module = module
         self.total = int(total)
         self.axis = int(axis)
-        self.register_buffer("index", torch.as_tensor(list(index), dtype=torch.long))
+        index = [int(i) for i in index]
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long))
+        # DAM kills the lowest indices first, so its live units are one contiguous block:
+        # then a single zero-pad (one kernel) replaces zeros + index_copy.
+        contiguous = index == list(range(index[0], index[0] + len(index))) if index else False
+        self.pad_before = index[0] if contiguous else -1
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.module(x)
         axis = self.axis % y.dim()
+        if self.pad_before >= 0:
+            after = self.total - self.pad_before - y.shape[axis]
+            return F.pad(y, [0, 0] * (y.dim() - axis - 1) + [self.pad_before, after])
         shape = list(y.shape)
         shape[axis] = self.total
         return y.new_zeros(shape).index_copy_(axis, self.index, y)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchdam.compact import as_tuple, unwrap
+from torchdam.errors import ConfigError
 from torchdam.gates import DAMGate
 
 
@@ -39,11 +41,12 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
     return {"params": int(params), "flops": int(counter.get_total_flops())}
 
 
-def latency(model: nn.Module, example_inputs, repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time of one eval-mode forward, in milliseconds."""
+def latency(model: nn.Module | OnnxModel, example_inputs, repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time of one eval-mode forward, in milliseconds (an :class:`OnnxModel` too)."""
     inputs = as_tuple(example_inputs)
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
     times = []
     try:
         with torch.inference_mode():
@@ -53,8 +56,49 @@ def latency(model: nn.Module, example_inputs, repeats: int = 30, warmup: int = 5
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
     finally:
-        model.train(was_training)
+        if isinstance(model, nn.Module):
+            model.train(was_training)
     return 1000.0 * statistics.median(times)
+
+
+class OnnxModel:
+    """``model`` exported with ``torch.onnx.export`` (eval mode, batch dimension dynamic) to
+    ``path`` and run by ONNX Runtime on the CPU; called like the module, tensors in, tensors
+    out, so :func:`latency` times it the same way. Needs the optional packages
+    ``pip install onnxruntime onnx onnxscript``.
+
+    Example:
+        >>> net = nn.Linear(4, 2).eval()
+        >>> onnx_net = OnnxModel(net, torch.randn(3, 4), "net.onnx")  # doctest: +SKIP
+        >>> onnx_net(torch.randn(5, 4)).shape  # doctest: +SKIP
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, path: str | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime
+            import onnxscript  # noqa: F401  (torch.onnx.export's exporter is built on it)
+        except ImportError as err:
+            raise ConfigError(f"ONNX export needs the package {err.name!r}: "
+                              "pip install onnxruntime onnx onnxscript") from None
+        inputs = as_tuple(example_inputs)
+        batch = torch.export.Dim("batch")
+        was_training = model.training
+        model.eval()
+        try:
+            torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False,
+                              dynamic_shapes=tuple({0: batch} for _ in inputs))
+        finally:
+            model.train(was_training)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *inputs: Tensor) -> Tensor | list[Tensor]:
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs, strict=True)}
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def profile(model: nn.Module, sample: torch.Tensor, batch_sizes=(1, 64), repeats: int = 30) -> dict:

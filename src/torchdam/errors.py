@@ -37,3 +37,15 @@ class DataError(TorchDAMError):
 
 class CheckpointError(TorchDAMError):
     """A checkpoint or saved model is missing, truncated or not a torchdam file."""
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up while writing; what was written before is intact."""
+
+
+class DivergenceError(TorchDAMError):
+    """Training produced a NaN/inf loss; nothing from the diverged steps was saved."""
+
+
+class DistributedError(TorchDAMError):
+    """Ranks of a distributed run disagree (gates differ) or cannot be set up."""

@@ -6,6 +6,7 @@ number in the returned report is measured here, on the model that actually runs.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,14 +15,14 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from torchdam import serialize
+from torchdam import distributed, serialize
 from torchdam.attach import attach, warn_dead_layers, widths
 from torchdam.compact import compact
 from torchdam.count import profile
 from torchdam.data import DATASETS, load_dataset
-from torchdam.errors import ConfigError, TorchDAMError
+from torchdam.errors import CheckpointError, ConfigError, TorchDAMError
 from torchdam.models import MODELS, build_model
-from torchdam.train import TrainConfig, Trainer
+from torchdam.train import CHECKPOINT_DIR, TrainConfig, Trainer
 
 LAYER_TYPES: dict[str, type] = {"linear": nn.Linear, "conv": nn.Conv2d}
 
@@ -44,6 +45,8 @@ class PruneJob:
     # validation accuracy tends to fall on an early, wider epoch; "best" ships that one.
     checkpoint: str = "last"
     out_dir: Path = Path("runs/prune")
+    #: Continue the killed or interrupted run whose output folder is ``out_dir``.
+    resume: bool = False
 
     def validate(self) -> None:
         """Fail on a bad name before any data is read or any epoch is spent."""
@@ -54,35 +57,61 @@ class PruneJob:
         unknown = [t for t in self.layers if t not in LAYER_TYPES and not any(c in t for c in ".*?[")]
         if unknown:
             raise ConfigError(f"unknown layer selector(s) {unknown}: use {', '.join(LAYER_TYPES)} or module-name globs")
+        if self.resume and not (Path(self.out_dir) / CHECKPOINT_DIR).is_dir():
+            raise CheckpointError(f"{Path(self.out_dir) / CHECKPOINT_DIR}: nothing to resume; "
+                                  "pass the output folder of an earlier run")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any epoch is spent if the results could not be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output folder {out} is not writable ({err.strerror or err}); "
+                          "choose another --out") from None
 
 
 def _selectors(names: tuple[str, ...]) -> tuple:
     return tuple(LAYER_TYPES.get(n, n) for n in names)
 
 
-def run(job: PruneJob) -> dict:
+def run(job: PruneJob) -> dict | None:
     """Train single-stage, compact, evaluate and measure; writes everything to ``out_dir``.
 
-    Returns the report dict (also written as ``report.json``)."""
+    Returns the report dict (also written as ``report.json``).
+    Under torchrun every rank trains its shard (``batch_size`` is per rank) and only rank
+    0 compacts, measures and writes; the other ranks return ``None``."""
     job.validate()
+    out = Path(job.out_dir)
+    if distributed.is_main_process():
+        _check_writable(out)
+    device = distributed.init_from_env()
     torch.manual_seed(job.train.seed)
     splits = load_dataset(job.data, val_size=job.val_size, seed=job.train.seed, limit=job.limit)
     channels, size = splits.input_shape[0], splits.input_shape[-1]
     model = build_model(job.model, in_channels=channels, num_classes=splits.num_classes, image_size=size)
     attach(model, layers=_selectors(job.layers), exclude=_selectors(job.exclude), gate=job.gate)
-    out = Path(job.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loader = lambda ds, shuffle: DataLoader(ds, batch_size=job.train.batch_size if shuffle else 1000, shuffle=shuffle)
-    trainer = Trainer(model, job.train, out_dir=out)
-    trainer.fit(loader(splits.train, True), loader(splits.val, False))
+    shard = distributed.sampler(splits.train, shuffle=True, seed=job.train.seed)
+    train = DataLoader(splits.train, batch_size=job.train.batch_size, sampler=shard, shuffle=shard is None)
+    trainer = Trainer(model, job.train, out_dir=out, device=device)
+    trainer.fit(train, DataLoader(splits.val, batch_size=1000), resume=out if job.resume else None)
+    main = distributed.is_main_process()
+    distributed.shutdown()  # compaction and measurement run on rank 0 alone
+    if not main:
+        return None
     if job.checkpoint == "best":
         trainer.restore_best()
+    model.to("cpu")
+    evaluator = Trainer(model, job.train)
+    loader = lambda ds: DataLoader(ds, batch_size=1000)
     warn_dead_layers(model)
 
-    test = loader(splits.test, False)
+    test = loader(splits.test)
     sample = splits.test.tensors[0][:1]
     small = compact(model, splits.val.tensors[0][:8], min_width=job.min_width)
-    gated_eval, small_eval = trainer.evaluate(test), trainer.evaluate(test, model=small)
+    gated_eval, small_eval = evaluator.evaluate(test), evaluator.evaluate(test, model=small)
     if gated_eval["acc"] != small_eval["acc"]:
         raise TorchDAMError(f"compacted accuracy {small_eval['acc']} differs from gated {gated_eval['acc']}")
     before = profile(model, sample, repeats=job.latency_repeats)

@@ -16,6 +16,11 @@ Example:
     >>> records = trainer.fit(DataLoader(data, batch_size=16))
     >>> sorted(k for k in records[0] if "/" in k)
     ['beta/0', 'width/0']
+
+With ``out_dir`` set, the full training state (model, optimizer, scheduler, RNG states,
+position in the epoch, best-val tracking, log) is checkpointed atomically at every epoch's
+end and every ``checkpoint_every`` steps, and ``fit(..., resume=out_dir)`` continues a
+killed run so that it ends exactly as an uninterrupted one (see ``docs/RELIABILITY.md``).
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ import csv
 import json
 import math
 import os
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -34,8 +41,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from torchdam import distributed
 from torchdam.attach import gate_parameters, named_gates, penalty
-from torchdam.errors import CheckpointError, ConfigError, DataError, TorchDAMError
+from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
+from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
@@ -44,6 +53,10 @@ BETA_GROUP = "dam_beta"
 #: The progress bar's postfix needs a host sync; refresh it only this often.
 POSTFIX_EVERY = 20
 BEST_FILE = "best.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+STATE_FORMAT = "torchdam-train"
+#: Options that may change between a run and its resume without changing its result.
+RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "log_format"})
 
 
 @dataclass
@@ -69,9 +82,19 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     log_format: str = "jsonl"
+    #: Also checkpoint every this many optimizer steps (0: only at each epoch's end).
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
+        for key in ("epochs", "batch_size", "cold_start", "seed", "checkpoint_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{key} must be a whole number, got {value!r}")
+        for key in ("lr", "beta_lr", "momentum", "weight_decay", "beta_weight_decay", "lam", "gamma"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -91,6 +114,7 @@ class TrainConfig:
              f"unknown log_format {self.log_format!r}; choose one of: {', '.join(LOG_FORMATS)}"),
             (self.gamma > 0, f"gamma must be > 0, got {self.gamma}"),
             (all(m >= 0 for m in self.milestones), f"milestones must be >= 0, got {self.milestones}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -150,11 +174,68 @@ class _Tally:
         else:
             self.classifies = False
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.loss).item())
+
     def result(self, what: str) -> dict:
-        if self.seen == 0:
+        seen = torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss.device)
+        classifies = torch.tensor(float(self.classifies), dtype=torch.float64, device=self.loss.device)
+        # Ranks of a distributed run see different shards; report the whole epoch.
+        loss, correct, seen, classifies = distributed.sum_across(self.loss, self.correct, seen, classifies)
+        n = int(seen.item())
+        if n == 0:
             raise DataError(f"the {what} loader yielded no batches; check the dataset and batch_size")
-        acc = self.correct.item() / self.seen if self.classifies else None
-        return {"loss": self.loss.item() / self.seen, "acc": acc}
+        acc = correct.item() / n if classifies.item() == distributed.world_size() else None
+        return {"loss": loss.item() / n, "acc": acc}
+
+    def state(self) -> dict:
+        return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
+                "classifies": self.classifies}
+
+    def load(self, state: dict) -> None:
+        self.loss.copy_(state["loss"])
+        self.correct.copy_(state["correct"])
+        self.seen, self.classifies = state["seen"], state["classifies"]
+
+
+class _Position:
+    """Where training stands: the epoch in progress and how many of its steps are done.
+    ``epoch_rng`` is the RNG state just before the epoch's loader was iterated, so that a
+    resumed run can draw the same shuffle and skip the batches already trained on."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.epoch_rng: dict | None = None
+        self.rng: dict | None = None
+        self.tally: dict | None = None
+
+
+class _CtrlC:
+    """Turns the first Ctrl-C into a flag the loop checks after each completed step, so
+    the checkpoint written on the way out is never of a half-applied optimizer step; a
+    second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self) -> "_CtrlC":
+        # Only the main thread may set handlers; under DDP every rank must stop together,
+        # which a flag seen at different steps cannot promise, so there Ctrl-C just stops.
+        if threading.current_thread() is threading.main_thread() and not distributed.is_distributed():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class Trainer:
@@ -165,9 +246,15 @@ class Trainer:
         config: a :class:`TrainConfig`.
         loss_fn: ``loss_fn(outputs, targets)``; accuracy is reported when outputs are 2-D
             logits and targets int64 class indices, otherwise ``acc`` is ``None``.
-        out_dir: where ``log.jsonl``/``log.csv`` and ``best.safetensors`` go; ``None``
-            writes nothing (the best weights are then kept in memory).
+        out_dir: where ``log.jsonl``/``log.csv``, ``best.safetensors`` and
+            ``checkpoints/`` go; ``None`` writes nothing (the best weights are then kept
+            in memory, and there is nothing to resume from).
         device: where the model and batches live.
+        extra_penalty: ``extra_penalty(model)`` -> scalar added to every step's loss (e.g. a
+            baseline's sparsity term: L1 on BatchNorm scales, an expected-L0 count).
+
+    Under ``torchrun`` (see :mod:`torchdam.distributed`) the model is trained in DDP and
+    only rank 0 writes files.
     """
 
     def __init__(
@@ -177,6 +264,7 @@ class Trainer:
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         out_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
+        extra_penalty: Callable[[nn.Module], Tensor] | None = None,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
@@ -184,6 +272,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.config = config
         self.loss_fn = loss_fn
+        self.extra_penalty = extra_penalty
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.gates = dict(named_gates(model))
         self.optimizer = build_optimizer(model, config)
@@ -197,41 +286,59 @@ class Trainer:
         self.best_epoch: int | None = None
         self._best_state: dict[str, Tensor] | None = None
         self.records: list[dict] = []
+        self._net = distributed.wrap(self.model, self.device)
+        self._position = _Position()
+        self._writes = self.out_dir is not None and distributed.is_main_process()
 
     @property
     def best_path(self) -> Path | None:
         return self.out_dir / BEST_FILE if self.out_dir is not None else None
 
-    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None) -> list[dict]:
-        """Train; returns (and logs) one record per epoch."""
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_DIR if self.out_dir is not None else None
+
+    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
+            resume: str | Path | None = None) -> list[dict]:
+        """Train; returns (and logs) one record per epoch.
+
+        ``resume``: a checkpoint file, a ``checkpoints/`` folder or an ``out_dir`` of an
+        earlier run with the same config and data; training continues from its newest
+        good checkpoint (falling back, with a warning, to the previous one if the newest is
+        damaged) and ends exactly as the uninterrupted run would have. A first Ctrl-C
+        finishes the current step, writes a checkpoint and raises ``KeyboardInterrupt``."""
         torch.manual_seed(self.config.seed)
         self.records = []
-        trainable = [b for b in gate_parameters(self.model) if b.requires_grad]
+        self._position = _Position()
+        if resume is not None:
+            self._load_state(resume)
         log = self._open_log()
         try:
-            for epoch in range(self.config.epochs):
-                # requires_grad=False gives beta no grad, so neither momentum nor Adam moves it.
-                frozen = epoch < self.config.cold_start
-                for b in trainable:
-                    b.requires_grad_(not frozen)
-                record = self._run_epoch(epoch, train_loader, val_loader)
-                self.records.append(record)
-                if log is not None:
-                    log.write(record)
+            with _CtrlC() as ctrl_c:
+                for epoch in range(self._position.epoch, self.config.epochs):
+                    record = self._run_epoch(epoch, train_loader, val_loader, ctrl_c)
+                    self.records.append(record)
+                    if log is not None:
+                        log.write(record)
+                    position = self._position
+                    position.epoch, position.step_in_epoch, position.epoch_rng = epoch + 1, 0, None
+                    self._save_state(tally=None)
+                    if ctrl_c.pressed:  # pressed during validation: the epoch is saved
+                        raise KeyboardInterrupt
         finally:
-            for b in trainable:
-                b.requires_grad_(True)
             if log is not None:
                 log.close()
         return self.records
 
-    def _run_epoch(self, epoch: int, train_loader: Iterable, val_loader: Iterable | None) -> dict:
+    def _run_epoch(self, epoch: int, train_loader: Iterable, val_loader: Iterable | None,
+                   ctrl_c: _CtrlC) -> dict:
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        train = self._train_epoch(epoch, train_loader)
+        train = self._train_epoch(epoch, train_loader, ctrl_c)
         if not math.isfinite(train["loss"]):
-            raise TorchDAMError(
-                f"loss became NaN/inf at epoch {epoch + 1}; lower the learning rate or lambda"
+            raise DivergenceError(
+                f"loss became NaN/inf at epoch {epoch + 1}; lower the learning rate or lambda "
+                "(checkpoints of the epochs before are kept)"
             )
         self.scheduler.step()
         record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"]}
@@ -245,22 +352,66 @@ class Trainer:
             record[f"beta/{name}"] = gate.beta.item()
         for name, gate in self.gates.items():
             record[f"width/{name}"] = int(gate.active())
+        distributed.check_same({name: gate.beta for name, gate in self.gates.items()})
         return record
 
-    def _train_epoch(self, epoch: int, loader: Iterable) -> dict:
+    def _batches(self, epoch: int, loader: Iterable):
+        """The epoch's batch iterator, advanced past the steps a resumed run has done."""
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: order = f(seed, epoch)
+            sampler.set_epoch(epoch)
+        position = self._position
+        if position.step_in_epoch == 0:
+            position.epoch_rng = get_rng_state()
+            return iter(loader)
+        # The loader draws its shuffle from the global RNG when iterated: replay that draw,
+        # skip the batches already trained on, then continue from the saved state.
+        set_rng_state(position.epoch_rng)
+        batches = iter(loader)
+        for done in range(position.step_in_epoch):
+            if next(batches, None) is None:
+                raise CheckpointError(
+                    f"the checkpoint is {position.step_in_epoch} steps into epoch {epoch + 1}, but the "
+                    f"training loader now has only {done} batches; resume with the same data and batch size")
+        set_rng_state(position.rng)
+        return batches
+
+    def _train_epoch(self, epoch: int, loader: Iterable, ctrl_c: _CtrlC) -> dict:
         self.model.train()
         tally = _Tally(self.device)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False,
+        position = self._position
+        if position.tally is not None:
+            tally.load(position.tally)
+            position.tally = None
+        # Cold start: beta gets no grad, so neither momentum nor Adam moves it. Dropping the
+        # grad (rather than requires_grad=False) keeps DDP's set of reduced parameters fixed.
+        frozen = [b for b in gate_parameters(self.model)] if epoch < self.config.cold_start else []
+        total_steps = len(loader) if hasattr(loader, "__len__") else None
+        bar = tqdm(self._batches(epoch, loader), desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                   leave=False, total=total_steps, initial=position.step_in_epoch,
                    disable=None if self.config.progress else True)
-        for step, batch in enumerate(bar):
+        for step, batch in enumerate(bar, start=position.step_in_epoch):
             x, y = (t.to(self.device, non_blocking=True) for t in _split_batch(batch))
-            out = self.model(x)
+            out = self._net(x)
             loss = self.loss_fn(out, y)
             total = loss + penalty(self.model, self.config.lam) if self.gates else loss
+            if self.extra_penalty is not None:
+                total = total + self.extra_penalty(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
+            for b in frozen:
+                b.grad = None
             self.optimizer.step()
             tally.add(loss, out, y)
+            position.step_in_epoch, position.global_step = step + 1, position.global_step + 1
+            every = self.config.checkpoint_every
+            if (every and position.global_step % every == 0) or ctrl_c.pressed:
+                if not tally.finite():  # never checkpoint diverged weights
+                    raise DivergenceError(f"loss became NaN/inf in epoch {epoch + 1} (step {step + 1}); "
+                                          "lower the learning rate or lambda (earlier checkpoints are kept)")
+                self._save_state(tally=tally)
+            if ctrl_c.pressed:
+                raise KeyboardInterrupt
             if not bar.disable and step % POSTFIX_EVERY == 0:
                 bar.set_postfix(self._postfix(tally), refresh=False)
         bar.close()
@@ -303,19 +454,25 @@ class Trainer:
         self.best_val_acc, self.best_val_loss, self.best_epoch = val["acc"], val["loss"], epoch
         # clone: safetensors refuses tensors that share storage (tied weights).
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        if self.best_path is None:
+        if not self._writes:
             self._best_state = state
             return
+        self._best_state = None
         self.best_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.best_path.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"epoch": str(epoch)})
-        os.replace(tmp, self.best_path)
+        try:
+            save_file(state, str(tmp), metadata={"epoch": str(epoch)})
+            os.replace(tmp, self.best_path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{self.best_path}: cannot write the best checkpoint "
+                                  f"({err.strerror or err})") from None
 
     def restore_best(self) -> nn.Module:
         """Load the best-validation weights back into the model and return it."""
         if self.best_epoch is None:
             raise CheckpointError("no best checkpoint yet: call fit() with a val_loader first")
-        if self.best_path is None:
+        if self._best_state is not None:
             state = self._best_state
         else:
             try:
@@ -325,22 +482,104 @@ class Trainer:
         self.model.load_state_dict(state)
         return self.model
 
-    def _open_log(self) -> _Log | None:
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_state(self, tally: _Tally | None) -> None:
+        """Checkpoint the whole training state (rank 0 writes; every rank learns whether
+        it worked, so all of them raise together)."""
         if self.out_dir is None:
+            return
+        error = None
+        if self._writes:
+            position = self._position
+            state = {
+                "format": STATE_FORMAT,
+                "config": asdict(self.config),
+                "epoch": position.epoch,
+                "step_in_epoch": position.step_in_epoch,
+                "global_step": position.global_step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": get_rng_state(),
+                "epoch_rng": position.epoch_rng,
+                "tally": tally.state() if tally is not None else None,
+                "best": {"acc": self.best_val_acc, "loss": self.best_val_loss, "epoch": self.best_epoch},
+                "records": self.records,
+            }
+            try:
+                save_checkpoint(state, self.checkpoint_dir)
+            except CheckpointError as err:
+                error = err
+        if not distributed.all_ok(error is None):
+            raise error or CheckpointError("rank 0 could not write the checkpoint; see its error")
+
+    def _load_state(self, resume: str | Path) -> None:
+        path = Path(resume)
+        if path.is_file():
+            state = load_checkpoint(path)
+        else:
+            folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+            state, path = load_latest(folder)
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{path}: not a torchdam training checkpoint")
+        saved, current = state["config"], asdict(self.config)
+        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ConfigError(f"{path}: cannot resume with different options ({diffs}); "
+                              "use the options of the run being resumed")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise CheckpointError(f"{path}: does not match this model ({detail}); "
+                                  "resume with the same model and layers") from None
+        position = self._position
+        position.epoch, position.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        position.global_step, position.epoch_rng = state["global_step"], state["epoch_rng"]
+        position.rng, position.tally = state["rng"], state["tally"]
+        best = state["best"]
+        self.best_val_acc, self.best_val_loss, self.best_epoch = best["acc"], best["loss"], best["epoch"]
+        if self.best_epoch is not None and not (self.best_path and self.best_path.is_file()):
+            raise CheckpointError(f"{self.best_path}: missing, but the checkpoint {path} refers to it; "
+                                  "resume in the run's own output folder")
+        self.records = list(state["records"])
+        set_rng_state(state["rng"])
+
+    def _open_log(self) -> _Log | None:
+        if not self._writes:
             return None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return _Log(self.out_dir / f"log.{self.config.log_format}", self.config.log_format)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            return _Log(self.out_dir / f"log.{self.config.log_format}", self.config.log_format, self.records)
+        except OSError as err:
+            raise CheckpointError(f"{self.out_dir}: cannot write the training log ({err.strerror or err}); "
+                                  "choose a writable --out folder") from None
 
 
 class _Log:
-    """Per-epoch log, started afresh by each fit and flushed after every line so an
-    interrupted run keeps what it has done."""
+    """Per-epoch log, flushed after every line so an interrupted run keeps what it has
+    done. A resumed run rewrites it from the checkpoint's records (atomically), so it
+    holds each epoch exactly once."""
 
-    def __init__(self, path: Path, fmt: str) -> None:
+    def __init__(self, path: Path, fmt: str, records: list[dict] = ()) -> None:
         self.path = path
         self.fmt = fmt
-        self.file = open(path, "w", newline="")
         self.writer: csv.DictWriter | None = None
+        tmp = path.with_name(f".{path.name}.tmp")
+        self.file = open(tmp, "w", newline="")
+        try:
+            for record in records:
+                self.write(record)
+            os.fsync(self.file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            self.file.close()
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, record: dict) -> None:
         if self.fmt == "jsonl":

@@ -7,12 +7,15 @@ from the training set, scaling, normalising) so a new dataset is one loader func
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from torchdam.data import cifar10 as _cifar10
 from torchdam.data import mnist as _mnist
+from torchdam.data.cifar10 import RandomCropFlip, cifar10_arrays
 from torchdam.data.mnist import ImageArrays, fashion_mnist_arrays, mnist_arrays, read_idx
 from torchdam.errors import ConfigError
 from torchdam.registry import Registry
@@ -21,6 +24,10 @@ DATASETS: Registry[ImageArrays] = Registry("dataset")
 DATASETS.register("mnist")(_mnist.mnist)
 DATASETS.register("fashion_mnist")(_mnist.fashion_mnist)
 DATASETS.register("fashion-mnist")(_mnist.fashion_mnist)
+DATASETS.register("cifar10")(_cifar10.cifar10)
+
+#: How a dataset is named wherever results are printed, when that differs from its key.
+DISPLAY_NAMES: dict[str, str] = {"cifar10": _cifar10.DISPLAY_NAME}
 
 
 @dataclass
@@ -34,24 +41,39 @@ class Splits:
     input_shape: tuple[int, ...]
     num_classes: int
     name: str
+    display_name: str = ""
+
+    def __post_init__(self) -> None:
+        self.display_name = self.display_name or self.name
 
 
-def _tensors(images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> TensorDataset:
+Stat = Union[float, tuple[float, ...]]
+
+
+def _channel_stat(value: Stat) -> torch.Tensor:
+    """A scalar, or a per-channel tuple shaped to broadcast over N, C, H, W."""
+    return torch.tensor(value, dtype=torch.float32).reshape(-1, 1, 1)
+
+
+def _tensors(images: np.ndarray, labels: np.ndarray, mean: Stat, std: Stat) -> TensorDataset:
     x = torch.tensor(images, dtype=torch.float32).div_(255.0)  # copies: the cache is read-only
     if x.ndim == 3:
         x = x.unsqueeze(1)  # grayscale: add the channel axis models expect
-    x.sub_(mean).div_(std)
+    x.sub_(_channel_stat(mean)).div_(_channel_stat(std))
     return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
 
 
 def load_dataset(
-    name: str, val_size: int = 5000, seed: int = 0, limit: int | None = None, **kwargs
+    name: str, val_size: int = 5000, seed: int = 0, limit: int | None = None, augment: bool = False,
+    **kwargs,
 ) -> Splits:
     """Load a registered dataset and split ``val_size`` examples off its training set.
 
     The validation split is a random permutation seeded by ``seed`` (same seed, same
     split); ``limit`` caps the training set (after the split) for fast tests. Extra
-    keywords go to the loader (e.g. ``root=`` for Fashion-MNIST).
+    keywords go to the loader (e.g. ``root=`` for Fashion-MNIST). ``augment=True`` makes
+    ``train`` a :class:`RandomCropFlip` (random crop with padding 4 and horizontal flip,
+    the standard CIFAR augmentation); validation and test are never augmented.
 
     >>> splits = load_dataset("mnist", limit=1000)  # doctest: +SKIP
     >>> len(splits.train), len(splits.val), len(splits.test), splits.input_shape  # doctest: +SKIP
@@ -70,6 +92,10 @@ def load_dataset(
         train_idx = train_idx[:limit]
     norm = (data.mean, data.std)
     train = _tensors(a["train_images"][train_idx], a["train_labels"][train_idx], *norm)
+    if augment:
+        # pad with black, as a crop of the raw image would: (0 - mean) / std once normalised
+        black = -_channel_stat(data.mean) / _channel_stat(data.std)
+        train = RandomCropFlip(*train.tensors, padding=4, fill=black)
     return Splits(
         train=train,
         val=_tensors(a["train_images"][val_idx], a["train_labels"][val_idx], *norm),
@@ -77,10 +103,11 @@ def load_dataset(
         input_shape=tuple(train.tensors[0].shape[1:]),
         num_classes=data.num_classes,
         name=name,
+        display_name=DISPLAY_NAMES.get(name, name),
     )
 
 
 __all__ = [
-    "DATASETS", "ImageArrays", "Splits", "fashion_mnist_arrays", "load_dataset", "mnist_arrays",
-    "read_idx",
+    "DATASETS", "DISPLAY_NAMES", "ImageArrays", "RandomCropFlip", "Splits", "cifar10_arrays",
+    "fashion_mnist_arrays", "load_dataset", "mnist_arrays", "read_idx",
 ]

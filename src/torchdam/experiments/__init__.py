@@ -18,7 +18,7 @@ Experiment = Callable[..., dict]
 EXPERIMENTS: Registry[dict] = Registry("experiment")
 
 #: modules that register experiments; imported on first use so `import torchdam` stays light
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("dimred", "autoencoder", "graph", "igmc")
 
 
 def load_all() -> Registry[dict]:

@@ -1,0 +1,411 @@
+"""Pruning benchmark (issue 5): DAM against dense, L0, L1-magnitude and Network Slimming.
+
+One command per study; every method runs on the same model, data, trainer and seeds
+(:mod:`torchdam.baselines`), ends in a physically smaller model, and is measured the same
+way: test accuracy, params and FLOPs per sample (:func:`torchdam.count.count`), median
+latency at batch 1 and 64 against the dense model (:func:`torchdam.count.latency`), and
+the whole training cost (epochs including fine-tuning, wall seconds)::
+
+    python benchmarks/pruning.py lenet300-mnist --epochs 8 --out runs/bench/lenet300
+    python benchmarks/pruning.py lenet300-mnist --quick          # smoke run, < 30 s
+    python benchmarks/pruning.py ablation-lenet300 --epochs 8    # DAM variants vs magnitude
+
+Writes ``results.json`` (every run), ``results.md`` (mean +- std over seeds) and
+``pareto.png`` (accuracy vs FLOPs and vs params, all methods) to ``--out``.
+
+``preresnet164-cifar10-paper`` is the DAM paper's full configuration, meant for a GPU
+(``benchmarks/gpu_preresnet164.sh``); ``--quick`` never changes a study's recipe, only
+the amount of data, epochs and strengths.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from torchdam.attach import attach
+from torchdam.baselines import BASELINES, NotApplicableError, Result, Setup
+from torchdam.baselines import dam as dam_baseline
+from torchdam.baselines import dense, slimming
+from torchdam.baselines.common import Trained, finetune, find_sites, finish, fit, test_accuracy
+from torchdam.attach import widths
+from torchdam.compact import compact
+from torchdam.count import latency
+from torchdam.data import load_dataset
+from torchdam.train import TrainConfig
+
+METHODS = ("dense", "dam", "l0", "magnitude", "slimming")
+#: strengths per method: DAM/L0 lambdas, magnitude/slimming fractions of units removed.
+#: L0's lambda multiplies the expected number of active units, so it is far smaller than
+#: DAM's (0.5 closed every unit of LeNet-300-100 in 8 epochs).
+MLP_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
+                 "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7)}
+CONV_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
+                  "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7)}
+QUICK_LIMIT = 512
+LATENCY_BATCHES = (1, 64)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A model, a dataset and the recipe every method is trained with."""
+
+    model: str
+    data: str
+    config: TrainConfig
+    strengths: dict[str, tuple[float, ...]]
+    finetune_epochs: int
+    augment: bool = False
+    val_size: int = 5000
+    description: str = ""
+
+
+def _config(**kwargs) -> TrainConfig:
+    return TrainConfig(progress=False, **kwargs)
+
+
+# The CLI's `torchdam prune` defaults (SGD 0.05 cosine, momentum 0.9, batch 128, beta lr 0.002).
+_MNIST = dict(epochs=15, lr=0.05, momentum=0.9, batch_size=128, beta_lr=0.002, schedule="cosine")
+# A standard CIFAR ResNet recipe, shortened by --epochs on CPU.
+_CIFAR = dict(epochs=160, lr=0.1, momentum=0.9, batch_size=128, weight_decay=1e-4, beta_lr=0.002,
+              schedule="cosine")
+
+STUDIES: dict[str, Study] = {
+    "lenet300-mnist": Study("lenet300", "mnist", _config(**_MNIST), MLP_STRENGTHS, finetune_epochs=5),
+    "lenet5-mnist": Study("lenet5", "mnist", _config(**_MNIST), CONV_STRENGTHS, finetune_epochs=5),
+    "resnet20-cifar10": Study("resnet20", "cifar10", _config(**_CIFAR), CONV_STRENGTHS,
+                              finetune_epochs=20, augment=True),
+    "resnet56-cifar10": Study("resnet56", "cifar10", _config(**_CIFAR), CONV_STRENGTHS,
+                              finetune_epochs=20, augment=True),
+    # The DAM paper's PreResNet-164 run, unchanged: SGD 0.05, momentum 0.9, x0.1 at epochs
+    # 100 and 150, weight decay 1e-3 on weights only, batch 128, 200 epochs, beta frozen
+    # for 20, lambda 0.2, 45k/5k split, crop+flip. Only DAM and dense (a GPU day each).
+    "preresnet164-cifar10-paper": Study(
+        "preresnet164", "cifar10",
+        _config(epochs=200, lr=0.05, momentum=0.9, batch_size=128, weight_decay=1e-3, beta_lr=None,
+                beta_weight_decay=0.0, cold_start=20, schedule="step", milestones=(100, 150)),
+        {"dam": (0.2,)}, finetune_epochs=0, augment=True,
+        description="DAM paper, PreResNet-164 on CIFAR-10; CIFAR-100 is not available offline"),
+}
+
+
+# --------------------------------------------------------------------------- DAM variants
+# Ablation of item 4: the same DAM stage, changed only where named, at lambda = strength.
+
+def dam_then_finetune(setup: Setup, strength: float, *, dam_epochs: int, beta_lr: float | None = None,
+                      name: str = "dam+ft") -> Result:
+    """DAM for ``dam_epochs``, compact, then fine-tune the compacted model (its gates now
+    fixed, i.e. betas frozen) for ``setup.finetune_epochs`` at the baselines' fine-tune lr.
+
+    Fine-tuning the compacted model is the frozen-beta final phase: with beta fixed a gate
+    is a constant per-unit scale, which compaction folds into the weights."""
+    config = dataclasses.replace(setup.config, epochs=dam_epochs, lam=strength,
+                                 beta_lr=setup.config.beta_lr if beta_lr is None else beta_lr)
+    model = setup.build()
+    attach(model, setup.layers, setup.exclude)
+    trained = fit(model, config, setup)
+    layer_widths = widths(model)
+    small = compact(model, setup.examples(), min_width=setup.min_width)
+    before = test_accuracy(trained.trainer, small, setup)
+    tuned = finetune(small, setup)
+    stages = [trained] if tuned is None else [trained, tuned]
+    return finish(name, strength, small, stages, setup, layer_widths, test_acc_before_finetune=before)
+
+
+def dense_result(trained: Trained, setup: Setup) -> Result:
+    """The dense row, from the pretraining that magnitude pruning reuses."""
+    layer_widths = {name: (s.units, s.units) for name, s in find_sites(trained.model, setup).items()}
+    trained.model.eval()
+    return finish("dense", 0.0, trained.model, [trained], setup, layer_widths)
+
+
+# --------------------------------------------------------------------------- measuring
+
+def latencies(model: torch.nn.Module, setup: Setup, repeats: int) -> dict[str, float]:
+    sample = setup.sample()
+    return {f"latency_ms_b{b}": latency(model, sample.expand(b, *sample.shape[1:]).contiguous(), repeats, warmup=10)
+            for b in LATENCY_BATCHES}
+
+
+def row(result: Result, setup: Setup, dense_model: torch.nn.Module, repeats: int, seed: int) -> dict:
+    """The JSON row of one run: the result's summary plus latency against dense. The dense
+    model is timed again right before, so both see the same load on a shared machine."""
+    out = {k: v for k, v in result.summary().items() if k not in ("betas",)}
+    out["seed"] = seed
+    kept = sum(k for k, _ in result.widths.values())
+    out["units_kept"], out["units_total"] = kept, sum(t for _, t in result.widths.values())
+    dense_ms = latencies(dense_model, setup, repeats)
+    ms = latencies(result.model, setup, repeats)
+    out.update(ms)
+    for b in LATENCY_BATCHES:
+        speedup = dense_ms[f"latency_ms_b{b}"] / ms[f"latency_ms_b{b}"]
+        out[f"speedup_b{b}"] = speedup
+        # 1.0: latency fell as much as FLOPs did; below 1: the FLOPs saving is not realised
+        out[f"speedup_over_flops_b{b}"] = speedup / result.flops_ratio
+    return out
+
+
+def not_applicable(method: str, strength: float, seed: int, err: Exception) -> dict:
+    return {"method": method, "strength": strength, "seed": seed, "not_applicable": str(err)}
+
+
+# --------------------------------------------------------------------------- running
+
+@dataclass
+class Plan:
+    """What to run: ``(label, strength, runner)`` jobs per seed, dense first."""
+
+    jobs: list[tuple[str, float, Callable[[Setup, float, Trained], Result]]] = field(default_factory=list)
+
+
+def method_jobs(study: Study, methods: tuple[str, ...], quick: bool) -> Plan:
+    plan = Plan()
+    for method in methods:
+        if method == "dense":
+            continue
+        strengths = study.strengths.get(method, ())
+        if quick:
+            strengths = strengths[len(strengths) // 2:][:1]
+        for s in strengths:
+            plan.jobs.append((method, s, _runner(method)))
+    return plan
+
+
+def _runner(method: str) -> Callable[[Setup, float, Trained], Result]:
+    run = BASELINES.get(method)
+    if method == "magnitude":
+        return lambda setup, s, pre: run(setup, s, pretrained=pre)
+    return lambda setup, s, pre: run(setup, s)
+
+
+def ablation_jobs(study: Study, epochs: int, quick: bool) -> Plan:
+    """Item 4: DAM variants at the CLI's lambda (0.15), magnitude matched to each one's width
+    afterwards (see :func:`run_study`)."""
+    lam = 0.15
+    tail = 1 if quick else 3
+    plan = Plan()
+    plan.jobs += [
+        ("dam", lam, lambda setup, s, pre: dam_baseline.run(setup, s)),
+        ("dam beta_lr=0.01", lam, lambda setup, s, pre: _relabel(
+            dam_baseline.run(dataclasses.replace(setup, config=dataclasses.replace(setup.config, beta_lr=0.01)), s),
+            "dam beta_lr=0.01")),
+        (f"dam {epochs - tail}ep + frozen-beta {tail}ep", lam, lambda setup, s, pre: dam_then_finetune(
+            dataclasses.replace(setup, finetune_epochs=tail), s, dam_epochs=epochs - tail,
+            name=f"dam {epochs - tail}ep + frozen-beta {tail}ep")),
+        ("dam + ft", lam, lambda setup, s, pre: dam_then_finetune(setup, s, dam_epochs=epochs,
+                                                                   name="dam + ft")),
+        ("dam beta_lr=0.01 + ft", lam, lambda setup, s, pre: dam_then_finetune(
+            setup, s, dam_epochs=epochs, beta_lr=0.01, name="dam beta_lr=0.01 + ft")),
+    ]
+    return plan
+
+
+def _relabel(result: Result, name: str) -> Result:
+    result.method = name
+    return result
+
+
+def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bool, methods: tuple[str, ...],
+              out: Path, device: str, ablation: bool = False, progress: bool = True) -> list[dict]:
+    epochs = epochs or (1 if quick else study.config.epochs)
+    finetune_epochs = 1 if quick else min(study.finetune_epochs, epochs)
+    repeats = 5 if quick else 30
+    config = dataclasses.replace(study.config, epochs=epochs,
+                                 cold_start=min(study.config.cold_start, epochs - 1 if epochs > 1 else 0),
+                                 milestones=tuple(m for m in study.config.milestones if m < epochs))
+    splits = load_dataset(study.data, val_size=1000 if quick else study.val_size,
+                          limit=QUICK_LIMIT if quick else None, augment=study.augment)
+    if ablation:
+        config = dataclasses.replace(config, epochs=max(epochs, 2))
+        plan = ablation_jobs(study, config.epochs, quick)
+    else:
+        plan = method_jobs(study, methods, quick)
+    rows: list[dict] = []
+    total = seeds * (1 + len(plan.jobs) + (len(plan.jobs) if ablation else 0))
+    bar = tqdm(total=total, desc=name, disable=not progress)
+    for seed in range(seeds):
+        setup = Setup(study.model, splits, dataclasses.replace(config, seed=seed),
+                      finetune_epochs=finetune_epochs, device=device)
+        bar.set_postfix_str(f"seed {seed} dense")
+        # Without dense or magnitude in the run the dense model is only a latency reference
+        # (latency does not depend on the weights), so it is not trained.
+        train_dense = ablation or "dense" in methods or "magnitude" in methods
+        pre = dense.train(setup) if train_dense else None
+        dense_model = pre.model.eval() if pre is not None else setup.build().eval()
+        latencies(dense_model, setup, repeats)  # warm the allocator and thread pool first
+        if pre is not None:
+            rows.append(row(dense_result(pre, setup), setup, dense_model, repeats, seed))
+        bar.update()
+        for label, strength, runner in plan.jobs:
+            bar.set_postfix_str(f"seed {seed} {label} {strength:g}")
+            try:
+                result = runner(setup, strength, pre)
+            except NotApplicableError as err:
+                rows.append(not_applicable(label, strength, seed, err))
+            else:
+                rows.append(row(result, setup, dense_model, repeats, seed))
+                if ablation:  # magnitude + fine-tune at the same per-layer width fraction
+                    ratio = 1 - rows[-1]["units_kept"] / rows[-1]["units_total"]
+                    bar.update()
+                    mag = BASELINES.get("magnitude")(setup, ratio, pretrained=pre)
+                    rows.append({**row(mag, setup, dense_model, repeats, seed), "method": "magnitude (matched)",
+                                 "matched_to": label})
+            bar.update()
+            _write(out, name, study, setup, rows, seeds, quick)
+    bar.close()
+    _write(out, name, study, setup, rows, seeds, quick)
+    return rows
+
+
+# --------------------------------------------------------------------------- reporting
+
+def _meta(name: str, study: Study, setup: Setup, seeds: int, quick: bool) -> dict:
+    return {"study": name, "model": study.model, "data": setup.splits.display_name,
+            "train_images": len(setup.splits.train), "config": dataclasses.asdict(setup.config) | {"seed": None},
+            "finetune_epochs": setup.finetune_epochs, "seeds": seeds, "quick": quick, "device": setup.device,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+
+
+def _write(out: Path, name: str, study: Study, setup: Setup, rows: list[dict], seeds: int, quick: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _meta(name, study, setup, seeds, quick)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, default=str))
+    (out / "results.md").write_text(markdown(meta, rows))
+    pareto_plot(rows, out / "pareto.png", f"{name} ({meta['data']}, {meta['config']['epochs']} epochs)")
+
+
+def _stat(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} +- {format(statistics.stdev(values), fmt)}"
+
+
+COLUMNS = [  # header, key, format, scale
+    ("test acc %", "test_acc", ".2f", 100.0),
+    ("units kept", "units_kept", ".0f", 1.0),
+    ("params", "params", ",.0f", 1.0),
+    ("FLOPs/sample", "flops", ",.0f", 1.0),
+    ("FLOPs reduction", "flops_ratio", ".2f", 1.0),
+    ("speedup b1", "speedup_b1", ".2f", 1.0),
+    ("speedup b64", "speedup_b64", ".2f", 1.0),
+    ("speedup/FLOPs-red. b1", "speedup_over_flops_b1", ".2f", 1.0),
+    ("speedup/FLOPs-red. b64", "speedup_over_flops_b64", ".2f", 1.0),
+    ("epochs", "epochs_total", ".0f", 1.0),
+    ("train s", "seconds_total", ".1f", 1.0),
+]
+
+
+def groups(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    out: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        label = r["method"] + (f" (vs {r['matched_to']})" if "matched_to" in r else "")
+        out.setdefault((label, round(r["strength"], 6)), []).append(r)
+    return out
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    cfg = meta["config"]
+    lines = [
+        f"## {meta['study']}: {meta['model']} on {meta['data']}",
+        "",
+        f"{cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']} ({cfg['schedule']}), batch {cfg['batch_size']}, "
+        f"weight decay {cfg['weight_decay']}, beta lr {cfg['beta_lr']}; fine-tune {meta['finetune_epochs']} epochs "
+        f"(magnitude, slimming); {meta['train_images']} training images; seeds: {meta['seeds']}"
+        f"{' (QUICK smoke run: numbers mean nothing)' if meta['quick'] else ''}. "
+        "Strength: lambda for dam/l0, fraction of units removed for magnitude/slimming. "
+        "Speedups are dense latency / method latency (median of forwards); "
+        "speedup/FLOPs-red. = 1 when latency falls as much as FLOPs.",
+        "",
+        "| method | strength | " + " | ".join(c[0] for c in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for (method, strength), runs in groups(rows).items():
+        if "not_applicable" in runs[0]:
+            lines.append(f"| {method} | {strength:g} | " + " | ".join("n/a" for _ in COLUMNS) + " |")
+            continue
+        cells = [_stat([r.get(key) for r in runs], fmt, scale) for _, key, fmt, scale in COLUMNS]
+        lines.append(f"| {method} | {strength:.3g} | " + " | ".join(cells) + " |")
+    notes = sorted({f"- {r['method']}: {r['not_applicable']}" for r in rows if "not_applicable" in r})
+    if notes:
+        lines += ["", "Not applicable:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_method: dict[str, list[tuple[float, float, float]]] = {}
+    for (method, _), runs in groups(rows).items():
+        runs = [r for r in runs if "not_applicable" not in r and r.get("test_acc") is not None]
+        if runs:
+            by_method.setdefault(method, []).append(tuple(statistics.mean(r[k] for r in runs)
+                                                          for k in ("flops", "params", "test_acc")))
+    for method, points in by_method.items():
+        points.sort()
+        for ax, i in ((axes[0], 0), (axes[1], 1)):
+            ax.plot([p[i] for p in points], [100 * p[2] for p in points], "o-" if len(points) > 1 else "o",
+                    label=method)
+    for ax, what in zip(axes, ("FLOPs per sample", "parameters")):
+        ax.set_xscale("log")
+        ax.set_xlabel(what + " (compacted model, log)")
+        ax.set_ylabel("test accuracy %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+ABLATIONS = {"ablation-lenet300": "lenet300-mnist"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=[*STUDIES, *ABLATIONS])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 512 images, 1 epoch, 1 strength/method")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=None, help="main-stage epochs (default: the study's)")
+    parser.add_argument("--finetune-epochs", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    ablation = args.study in ABLATIONS
+    study = STUDIES[ABLATIONS.get(args.study, args.study)]
+    if args.finetune_epochs is not None:
+        study = dataclasses.replace(study, finetune_epochs=args.finetune_epochs)
+    methods = tuple(args.methods) if args.methods else tuple(m for m in METHODS if m == "dense" or m in study.strengths)
+    out = args.out or Path("runs/bench") / (args.study + ("-quick" if args.quick else ""))
+    start = time.perf_counter()
+    run_study(args.study, study, args.seeds, args.epochs, args.quick, methods, out, args.device,
+              ablation=ablation, progress=not args.no_progress)
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.json, results.md, pareto.png in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

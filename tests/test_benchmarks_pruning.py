@@ -1,0 +1,63 @@
+"""The pruning benchmark's quick mode, end to end on real MNIST (benchmarks/pruning.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pruning.py"
+
+
+@pytest.fixture(scope="module")
+def pruning():
+    spec = importlib.util.spec_from_file_location("bench_pruning", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.mark.slow
+def test_quick_lenet300_writes_every_output(pruning, tmp_path):
+    assert pruning.main(["lenet300-mnist", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["quick"] and data["meta"]["config"]["epochs"] == 1
+    runs = {r["method"]: r for r in data["runs"]}
+    assert set(runs) == {"dense", "dam", "l0", "magnitude", "slimming"}
+    assert "BatchNorm" in runs["slimming"]["not_applicable"]  # LeNet-300-100 has none
+    dense = runs["dense"]
+    for method in ("dense", "dam", "l0", "magnitude"):
+        r = runs[method]
+        assert 0 <= r["test_acc"] <= 1
+        assert r["params"] <= dense["params"] and r["flops"] <= dense["flops"]
+        assert r["speedup_b1"] > 0 and r["speedup_b64"] > 0
+        assert r["speedup_over_flops_b64"] == pytest.approx(r["speedup_b64"] / r["flops_ratio"])
+        assert r["seconds_total"] > 0
+    # magnitude prunes half of each layer and fine-tunes: two stages of one epoch
+    assert runs["magnitude"]["units_kept"] == 200 and runs["magnitude"]["epochs_total"] == 2
+    table = (tmp_path / "results.md").read_text()
+    assert "| magnitude | 0.5 |" in table and "| slimming | 0.5 | n/a |" in table
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_paper_study_is_the_published_recipe(pruning):
+    study = pruning.STUDIES["preresnet164-cifar10-paper"]
+    c = study.config
+    assert (study.model, study.data, study.augment, study.val_size) == ("preresnet164", "cifar10", True, 5000)
+    assert (c.epochs, c.lr, c.momentum, c.batch_size, c.weight_decay, c.beta_weight_decay) == (200, 0.05, 0.9, 128, 1e-3, 0.0)
+    assert (c.schedule, c.milestones, c.gamma, c.cold_start) == ("step", (100, 150), 0.1, 20)
+    assert study.strengths == {"dam": (0.2,)}
+
+
+def test_markdown_reports_mean_and_std_over_seeds(pruning):
+    rows = [{"method": "dam", "strength": 0.15, "test_acc": a, "seed": s} for s, a in enumerate((0.9, 0.8))]
+    table = pruning.markdown({"study": "s", "model": "m", "data": "d", "config": {
+        "epochs": 1, "optimizer": "sgd", "lr": 0.1, "schedule": "none", "batch_size": 1, "weight_decay": 0,
+        "beta_lr": None}, "finetune_epochs": 0, "train_images": 1, "seeds": 2, "quick": False}, rows)
+    assert "85.00 +- 7.07" in table

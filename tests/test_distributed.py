@@ -1,0 +1,38 @@
+"""DDP: two CPU ranks (gloo) under torchrun train one model: betas identical on every rank,
+only rank 0 writes, and a crashed DDP run resumes to the uninterrupted result."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from torchdam import distributed
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def test_helpers_are_no_ops_without_torchrun():
+    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.is_main_process() and distributed.all_ok(True) and not distributed.all_ok(False)
+    assert distributed.sampler([1, 2, 3], shuffle=True) is None
+    assert str(distributed.init_from_env()) in ("cpu", "cuda")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_two_ranks_train_one_model_and_resume(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(WORKER), str(tmp_path), "--ddp"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2
+    ranks = result["per_rank"]
+    assert ranks[0]["betas"] == ranks[1]["betas"]  # float.hex: the same bits (Trainer also checks each epoch)
+    assert ranks[0]["saves"] > 0 and ranks[1]["saves"] == 0  # only rank 0 writes checkpoints
+    assert result["resumed"] == result["full"]  # crash at step 7 + resume == uninterrupted
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "crashed" / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]

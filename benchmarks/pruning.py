@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -33,12 +32,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from torchdam.attach import attach
+from torchdam.attach import attach, widths
 from torchdam.baselines import BASELINES, NotApplicableError, Result, Setup
 from torchdam.baselines import dam as dam_baseline
-from torchdam.baselines import dense, slimming
+from torchdam.baselines import dense
 from torchdam.baselines.common import Trained, finetune, find_sites, finish, fit, test_accuracy
-from torchdam.attach import widths
 from torchdam.compact import compact
 from torchdam.count import latency
 from torchdam.data import load_dataset
@@ -289,7 +287,7 @@ def _stat(values: list[float], fmt: str, scale: float = 1.0) -> str:
     values = [v * scale for v in values if v is not None]
     if not values:
         return "n/a"
-    if len(values) == 1:
+    if len(set(values)) == 1:
         return format(values[0], fmt)
     return f"{format(statistics.mean(values), fmt)} +- {format(statistics.stdev(values), fmt)}"
 
@@ -309,11 +307,15 @@ COLUMNS = [  # header, key, format, scale
 ]
 
 
-def groups(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
-    out: dict[tuple[str, float], list[dict]] = {}
+def groups(rows: list[dict]) -> dict[tuple[str, float | None], list[dict]]:
+    """Rows of one method at one strength, over seeds; a matched baseline's strength differs
+    per seed (it follows its DAM run's width), so it is grouped by what it matches."""
+    out: dict[tuple[str, float | None], list[dict]] = {}
     for r in rows:
-        label = r["method"] + (f" (vs {r['matched_to']})" if "matched_to" in r else "")
-        out.setdefault((label, round(r["strength"], 6)), []).append(r)
+        if "matched_to" in r:
+            out.setdefault((f"{r['method']} (vs {r['matched_to']})", None), []).append(r)
+        else:
+            out.setdefault((r["method"], round(r["strength"], 6)), []).append(r)
     return out
 
 
@@ -338,7 +340,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"| {method} | {strength:g} | " + " | ".join("n/a" for _ in COLUMNS) + " |")
             continue
         cells = [_stat([r.get(key) for r in runs], fmt, scale) for _, key, fmt, scale in COLUMNS]
-        lines.append(f"| {method} | {strength:.3g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {_stat([r['strength'] for r in runs], '.3g')} | " + " | ".join(cells) + " |")
     notes = sorted({f"- {r['method']}: {r['not_applicable']}" for r in rows if "not_applicable" in r})
     if notes:
         lines += ["", "Not applicable:", *notes]

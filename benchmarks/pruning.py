@@ -1,4 +1,4 @@
-"""Pruning benchmark (issue 5): DAM against dense, L0, L1-magnitude and Network Slimming.
+"""Pruning benchmark (issue 5): DAM against dense, L0, L1-magnitude, Network Slimming and ChipNet.
 
 One command per study; every method runs on the same model, data, trainer and seeds
 (:mod:`torchdam.baselines`), ends in a physically smaller model, and is measured the same
@@ -35,21 +35,21 @@ from tqdm.auto import tqdm
 from torchdam.attach import attach, widths
 from torchdam.baselines import BASELINES, NotApplicableError, Result, Setup
 from torchdam.baselines import dam as dam_baseline
-from torchdam.baselines import dense
+from torchdam.baselines import dense, slimming
 from torchdam.baselines.common import Trained, finetune, find_sites, finish, fit, test_accuracy
 from torchdam.compact import compact
 from torchdam.count import latency
 from torchdam.data import load_dataset
 from torchdam.train import TrainConfig
 
-METHODS = ("dense", "dam", "l0", "magnitude", "slimming")
-#: strengths per method: DAM/L0 lambdas, magnitude/slimming fractions of units removed.
+METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet")
+#: strengths per method: DAM/L0 lambdas, magnitude/slimming/chipnet fractions of units removed.
 #: L0's lambda multiplies the expected number of active units, so it is far smaller than
 #: DAM's (0.5 closed every unit of LeNet-300-100 in 8 epochs).
 MLP_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
-                 "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7)}
+                 "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7), "chipnet": (0.3, 0.5, 0.7)}
 CONV_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
-                  "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7)}
+                  "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7), "chipnet": (0.3, 0.5, 0.7)}
 QUICK_LIMIT = 512
 LATENCY_BATCHES = (1, 64)
 
@@ -181,9 +181,26 @@ def method_jobs(study: Study, methods: tuple[str, ...], quick: bool) -> Plan:
 
 def _runner(method: str) -> Callable[[Setup, float, Trained], Result]:
     run = BASELINES.get(method)
-    if method == "magnitude":
+    if method in ("magnitude", "chipnet"):
         return lambda setup, s, pre: run(setup, s, pretrained=pre)
+    if method == "slimming":
+        return _shared_slimming(run)
     return lambda setup, s, pre: run(setup, s)
+
+
+def _shared_slimming(run: Callable[..., Result]) -> Callable[[Setup, float, Trained], Result]:
+    """Network Slimming's sparsity-training stage does not depend on the pruning ratio, so
+    (as in the paper) one stage per seed is pruned at every ratio. Each row still counts that
+    stage's epochs and seconds in its training cost."""
+    stages: dict[int, Trained] = {}
+
+    def runner(setup: Setup, strength: float, pre: Trained | None) -> Result:
+        seed = setup.config.seed
+        if seed not in stages:
+            stages.clear()
+            stages[seed] = slimming.train(setup)
+        return run(setup, strength, pretrained=stages[seed])
+    return runner
 
 
 def ablation_jobs(study: Study, epochs: int, quick: bool) -> Plan:
@@ -235,9 +252,9 @@ def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bo
         setup = Setup(study.model, splits, dataclasses.replace(config, seed=seed),
                       finetune_epochs=finetune_epochs, device=device)
         bar.set_postfix_str(f"seed {seed} dense")
-        # Without dense or magnitude in the run the dense model is only a latency reference
-        # (latency does not depend on the weights), so it is not trained.
-        train_dense = ablation or "dense" in methods or "magnitude" in methods
+        # Without dense, magnitude or chipnet in the run the dense model is only a latency
+        # reference (latency does not depend on the weights), so it is not trained.
+        train_dense = ablation or any(m in methods for m in ("dense", "magnitude", "chipnet"))
         pre = dense.train(setup) if train_dense else None
         dense_model = pre.model.eval() if pre is not None else setup.build().eval()
         latencies(dense_model, setup, repeats)  # warm the allocator and thread pool first
@@ -326,9 +343,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"{cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']} ({cfg['schedule']}), batch {cfg['batch_size']}, "
         f"weight decay {cfg['weight_decay']}, beta lr {cfg['beta_lr']}; fine-tune {meta['finetune_epochs']} epochs "
-        f"(magnitude, slimming); {meta['train_images']} training images; seeds: {meta['seeds']}"
+        f"(magnitude, slimming, chipnet; chipnet also runs its pruning stage for as many); {meta['train_images']} training images; seeds: {meta['seeds']}"
         f"{' (QUICK smoke run: numbers mean nothing)' if meta['quick'] else ''}. "
-        "Strength: lambda for dam/l0, fraction of units removed for magnitude/slimming. "
+        "Strength: lambda for dam/l0, fraction of units removed for magnitude/slimming/chipnet. "
         "Speedups are dense latency / method latency (median of forwards); "
         "speedup/FLOPs-red. = 1 when latency falls as much as FLOPs.",
         "",
@@ -382,6 +399,21 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 ABLATIONS = {"ablation-lenet300": "lenet300-mnist"}
 
 
+def parse_strengths(items: list[str], parser: argparse.ArgumentParser) -> dict[str, tuple[float, ...]]:
+    """``["l0=0.003,0.01"]`` -> ``{"l0": (0.003, 0.01)}``; a bad item is a usage error."""
+    out = {}
+    for item in items:
+        method, _, values = item.partition("=")
+        try:
+            if method not in METHODS or method == "dense" or not values:
+                raise ValueError
+            out[method] = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            parser.error(f"--strengths wants METHOD=S1,S2,... with METHOD one of "
+                         f"{', '.join(m for m in METHODS if m != 'dense')}; got {item!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -391,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="main-stage epochs (default: the study's)")
     parser.add_argument("--finetune-epochs", type=int, default=None)
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    parser.add_argument("--beta-lr", type=float, default=None,
+                        help="DAM beta learning rate (default: the study's). Beta's travel grows with "
+                             "lr x steps, so a run with far fewer steps than the study's needs a larger one")
+    parser.add_argument("--strengths", nargs="+", default=[], metavar="METHOD=S1,S2,...",
+                        help="override a method's strengths, e.g. l0=0.003,0.01,0.02")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -399,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     study = STUDIES[ABLATIONS.get(args.study, args.study)]
     if args.finetune_epochs is not None:
         study = dataclasses.replace(study, finetune_epochs=args.finetune_epochs)
+    if args.beta_lr is not None:
+        study = dataclasses.replace(study, config=dataclasses.replace(study.config, beta_lr=args.beta_lr))
+    if args.strengths:
+        study = dataclasses.replace(study, strengths={**study.strengths, **parse_strengths(args.strengths, parser)})
     methods = tuple(args.methods) if args.methods else tuple(m for m in METHODS if m == "dense" or m in study.strengths)
     out = args.out or Path("runs/bench") / (args.study + ("-quick" if args.quick else ""))
     start = time.perf_counter()

@@ -153,7 +153,7 @@ def test_hard_concrete_gate_math_by_hand() -> None:
 
 def test_bad_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown method"):
-        BASELINES.get("chipnet")
+        BASELINES.get("nosuch")
     with pytest.raises(ConfigError, match="finetune_epochs"):
         _setup(finetune_epochs=-1)
     with pytest.raises(ConfigError, match="droprate_init"):

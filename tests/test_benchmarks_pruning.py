@@ -29,7 +29,7 @@ def test_quick_lenet300_writes_every_output(pruning, tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["quick"] and data["meta"]["config"]["epochs"] == 1
     runs = {r["method"]: r for r in data["runs"]}
-    assert set(runs) == {"dense", "dam", "l0", "magnitude", "slimming"}
+    assert set(runs) == {"dense", "dam", "l0", "magnitude", "slimming", "chipnet"}
     assert "BatchNorm" in runs["slimming"]["not_applicable"]  # LeNet-300-100 has none
     dense = runs["dense"]
     for method in ("dense", "dam", "l0", "magnitude"):

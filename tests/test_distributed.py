@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from torchdam import distributed
+from torchdam import distributed, load
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -36,3 +36,23 @@ def test_two_ranks_train_one_model_and_resume(tmp_path):
     assert result["resumed"] == result["full"]  # crash at step 7 + resume == uninterrupted
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "crashed" / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_prune_command_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 torchdam prune ...`: both ranks train, rank 0 alone
+    compacts, writes and prints; the shipped model is what a single report describes."""
+    exe = Path(sys.executable).with_name("torchdam")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+         str(exe), "prune", "--limit", "1024", "--epochs", "2", "--beta-lr", "0.5", "--lam", "1.0",
+         "--latency-repeats", "2", "--no-progress", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["test_acc_compacted"] == report["test_acc_gated"]
+    assert 0 < report["units_kept"] < report["units_total"] == 400  # lambda 1, fast beta: units died
+    assert proc.stdout.count("gated units") == 1, proc.stdout  # rank 0 alone prints the report
+    small = load(tmp_path / "run" / "compacted")
+    assert sum(p.numel() for p in small.parameters()) == report["after"]["params"]

@@ -97,7 +97,7 @@ def run(job: PruneJob) -> dict | None:
     train = DataLoader(splits.train, batch_size=job.train.batch_size, sampler=shard, shuffle=shard is None)
     trainer = Trainer(model, job.train, out_dir=out, device=device)
     trainer.fit(train, DataLoader(splits.val, batch_size=1000), resume=out if job.resume else None)
-    main = distributed.is_main_process()
+    main, world_size = distributed.is_main_process(), distributed.world_size()
     distributed.shutdown()  # compaction and measurement run on rank 0 alone
     if not main:
         return None
@@ -134,6 +134,7 @@ def run(job: PruneJob) -> dict | None:
         "after": after,
         "config": {**asdict(job.train), "gate": job.gate, "model": job.model, "data": job.data},
         "train_seconds": sum(r["seconds"] for r in trainer.records),
+        "world_size": world_size,
     }
     # the gated model that was compacted, so its predictions can be checked against the reload
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / "gated.safetensors"))

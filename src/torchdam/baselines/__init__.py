@@ -15,10 +15,11 @@ is measured with :func:`torchdam.count`::
 | ``l0`` | lambda per expected active unit | train with hard-concrete gates, compact |
 | ``slimming`` | global channel ratio removed | train with L1 on BN scales, prune, fine-tune |
 | ``magnitude`` | per-layer unit ratio removed | train dense, prune by L1 norm, fine-tune |
+| ``chipnet`` | global unit ratio removed (budget) | train dense, learn soft masks to the budget, threshold, fine-tune |
 """
 from __future__ import annotations
 
-from torchdam.baselines import dam, dense, l0, magnitude, slimming
+from torchdam.baselines import chipnet, dam, dense, l0, magnitude, slimming
 from torchdam.baselines.common import NotApplicableError, Result, Setup, Trained
 from torchdam.registry import Registry
 
@@ -28,5 +29,6 @@ BASELINES.register("dam")(dam.run)
 BASELINES.register("l0")(l0.run)
 BASELINES.register("slimming")(slimming.run)
 BASELINES.register("magnitude")(magnitude.run)
+BASELINES.register("chipnet")(chipnet.run)
 
 __all__ = ["BASELINES", "NotApplicableError", "Result", "Setup", "Trained"]

@@ -114,8 +114,9 @@ def gate_overhead(name: str, blocks: int, seconds: float, batch: int = 128) -> d
             "ratio": round(r, 4), "meets_target": r <= TARGET_OVERHEAD}
 
 
-def pruned(name: str, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
-    """(dense gate-free model, its compacted copy, widths) with 50-70% of units dead."""
+def pruned(name: str, seed: int = 0, **compact_kwargs) -> tuple[nn.Module, nn.Module, dict]:
+    """(dense gate-free model, its compacted copy, widths) with 50-70% of units dead;
+    ``compact_kwargs`` go to :func:`torchdam.compact`."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dense = build_model(name)
@@ -126,7 +127,7 @@ def pruned(name: str, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
             dead = 0.5 + 0.2 * torch.rand((), generator=gen).item()
             gate.beta.fill_(-gate.k * dead)
     example = torch.randn(2, *SHAPES[name], generator=gen)
-    small = dam.compact(gated, example)
+    small = dam.compact(gated, example, **compact_kwargs)
     return dense.eval(), small.eval(), dam.widths(gated)
 
 

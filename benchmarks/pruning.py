@@ -293,11 +293,14 @@ def _meta(name: str, study: Study, setup: Setup, seeds: int, quick: bool) -> dic
 
 
 def _write(out: Path, name: str, study: Study, setup: Setup, rows: list[dict], seeds: int, quick: bool) -> None:
+    write_results(out, _meta(name, study, setup, seeds, quick), rows)
+
+
+def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = _meta(name, study, setup, seeds, quick)
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, default=str))
     (out / "results.md").write_text(markdown(meta, rows))
-    pareto_plot(rows, out / "pareto.png", f"{name} ({meta['data']}, {meta['config']['epochs']} epochs)")
+    pareto_plot(rows, out / "pareto.png", f"{meta['study']} ({meta['data']}, {meta['config']['epochs']} epochs)")
 
 
 def _stat(values: list[float], fmt: str, scale: float = 1.0) -> str:
@@ -399,6 +402,30 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 ABLATIONS = {"ablation-lenet300": "lenet300-mnist"}
 
 
+def merge(sources: list[Path], out: Path) -> None:
+    """One table and Pareto plot from several runs of the same study (e.g. a method added
+    later with ``--methods dense chipnet``). A (method, strength, seed) row already taken
+    from an earlier source is skipped; the runs must share the study, epochs and seeds'
+    recipe, which is checked (the dense rows of a deterministic recipe are then identical)."""
+    metas, rows, seen = [], [], set()
+    for source in sources:
+        data = json.loads((source / "results.json").read_text())
+        metas.append(data["meta"])
+        for r in data["runs"]:
+            key = (r["method"], r.get("strength"), r.get("seed"), r.get("matched_to"))
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    first = metas[0]
+    for meta in metas[1:]:
+        for key in ("study", "config", "finetune_epochs", "train_images"):
+            if meta[key] != first[key]:
+                raise SystemExit(f"cannot merge: {key} differs between runs ({meta[key]!r} vs {first[key]!r})")
+    write_results(out, {**first, "seeds": max(m["seeds"] for m in metas),
+                        "command": " ; ".join(m["command"] for m in metas), "merged_from": [str(s) for s in sources]},
+                  rows)
+
+
 def parse_strengths(items: list[str], parser: argparse.ArgumentParser) -> dict[str, tuple[float, ...]]:
     """``["l0=0.003,0.01"]`` -> ``{"l0": (0.003, 0.01)}``; a bad item is a usage error."""
     out = {}
@@ -418,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=[*STUDIES, *ABLATIONS])
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="DIR",
+                        help="instead of running: merge these runs' results.json into --out")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512 images, 1 epoch, 1 strength/method")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=None, help="main-stage epochs (default: the study's)")
@@ -432,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        merge(args.merge, args.out)
+        print((args.out / "results.md").read_text())
+        return 0
     ablation = args.study in ABLATIONS
     study = STUDIES[ABLATIONS.get(args.study, args.study)]
     if args.finetune_epochs is not None:

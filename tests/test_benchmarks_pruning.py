@@ -61,3 +61,27 @@ def test_markdown_reports_mean_and_std_over_seeds(pruning):
         "epochs": 1, "optimizer": "sgd", "lr": 0.1, "schedule": "none", "batch_size": 1, "weight_decay": 0,
         "beta_lr": None}, "finetune_epochs": 0, "train_images": 1, "seeds": 2, "quick": False}, rows)
     assert "85.00 +- 7.07" in table
+
+
+def _results(folder, rows, epochs=1, command="run"):
+    folder.mkdir()
+    meta = {"study": "s", "model": "m", "data": "d", "config": {
+        "epochs": epochs, "optimizer": "sgd", "lr": 0.1, "schedule": "none", "batch_size": 1, "weight_decay": 0,
+        "beta_lr": None}, "finetune_epochs": 0, "train_images": 1, "seeds": 1, "quick": False, "command": command}
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}))
+    return folder
+
+
+def test_merge_adds_a_later_method_and_refuses_other_recipes(pruning, tmp_path):
+    row = lambda method, strength, acc: {"method": method, "strength": strength, "seed": 0, "test_acc": acc,
+                                          "flops": 10, "params": 10}
+    a = _results(tmp_path / "a", [row("dense", 0, 0.9), row("dam", 0.15, 0.8)], command="first")
+    b = _results(tmp_path / "b", [row("dense", 0, 0.9), row("chipnet", 0.5, 0.7)], command="second")
+    assert pruning.main(["lenet300-mnist", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [r["method"] for r in merged["runs"]] == ["dense", "dam", "chipnet"]  # one dense row
+    assert merged["meta"]["command"] == "first ; second"
+    assert "| chipnet | 0.5 |" in (tmp_path / "m" / "results.md").read_text()
+    c = _results(tmp_path / "c", [row("l0", 0.01, 0.5)], epochs=2)
+    with pytest.raises(SystemExit, match="config differs"):
+        pruning.main(["lenet300-mnist", "--merge", str(a), str(c), "--out", str(tmp_path / "n")])

@@ -211,3 +211,65 @@ def test_scatter_units_puts_live_units_back_in_place(index):
     expected = torch.zeros(3, 6, 4, 4)
     expected[:, index] = conv(x)
     assert torch.equal(out, expected)
+
+
+class _TwoWayStream(nn.Module):
+    """Two gated producers added into one stream, ``act`` on it, then an ungated head."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.a, self.b, self.head, self.act = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3), act
+
+    def forward(self, x):
+        return self.head(self.act(self.a(x) + self.b(x)))
+
+
+def _stream_model(act):
+    torch.manual_seed(0)
+    model = _TwoWayStream(act)
+    gates = dam.attach(model)
+    gates["a"].beta.data.fill_(-gates["a"].k * 0.5)
+    gates["b"].beta.data.fill_(-gates["b"].k * 0.7)
+    return model
+
+
+def test_stream_channels_dead_in_every_producer_are_removed_from_the_stream():
+    model = _stream_model(nn.ReLU())
+    widths = dam.widths(model)
+    union = max(widths["a"][0], widths["b"][0])
+    assert union < 6
+    x = torch.randn(5, 4)
+    small = compact(model, x)
+    assert small.head.in_features == union  # relu(0 + 0) = 0: removed from the whole stream
+    for name in ("a", "b"):  # each producer computes its live units only
+        layer = getattr(small, name)
+        assert (layer.module if isinstance(layer, ScatterUnits) else layer).out_features == widths[name][0]
+    assert isinstance(small.b, ScatterUnits) and small.b.total == union  # the narrower one is scattered
+    assert_same_outputs(model, small, x)
+    wide = compact(model, x, narrow_streams=False)
+    assert wide.head.in_features == 6
+    assert count(small, x[:1])["flops"] < count(wide, x[:1])["flops"]
+
+
+def test_stream_narrowing_falls_back_when_the_zeros_do_not_stay_zero():
+    model = _stream_model(nn.Sigmoid())  # sigmoid(0) = 0.5 reaches the head: not removable
+    x = torch.randn(5, 4)
+    small = compact(model, x)
+    assert small.head.in_features == 6
+    assert_same_outputs(model, small, x)
+
+
+def test_resnet_stream_narrows_to_the_widest_producer():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    gates = dam.attach(model, layers=(nn.Linear, nn.Conv2d))
+    randomise_bn(model, torch.Generator().manual_seed(0))
+    for i, g in enumerate(gates.values()):
+        g.beta.data.fill_(-g.k * (0.4 + 0.1 * (i % 3)))
+    x = torch.randn(4, 3, 32, 32)
+    small = compact(model, x[:2])
+    widths = dam.widths(model)
+    stage3 = [n for n in widths if n.startswith("layer3") and (n.endswith("conv2") or "shortcut" in n)]
+    assert small.fc.in_features == max(widths[n][0] for n in stage3) < 64
+    assert small.layer3[1].conv1.in_channels == small.fc.in_features
+    assert_same_outputs(model, small, x)

@@ -1,6 +1,6 @@
 """Make a gated model physically smaller: remove dead units, fold live gates into weights.
 
-DAM gates decide *what* goes; this module decides *how*, in three steps on a copy:
+DAM gates decide *what* goes; this module decides *how*, in these steps on a copy:
 
 1. **Fold**: each gate's values ``g`` multiply the output units of the module it hooks
    (a Linear/Conv's weight rows and bias, or a BatchNorm's affine), so the copy computes
@@ -18,6 +18,14 @@ DAM gates decide *what* goes; this module decides *how*, in three steps on a cop
    stream's width. The same happens when the zeros would pass through a BatchNorm before
    any consumer (pre-activation: BN turns them into its bias, so they are not dead there)
    and for a gated layer whose units are the model's output.
+4. **Narrow streams** (``narrow_streams=True``): a stream channel that *every* producer of
+   the stream leaves dead (post-activation ResNets: each block's gated ``bn2`` and gated
+   shortcut) is zero all along the stream (``relu(0 + 0) = 0``), so it is removed from the
+   whole stream: producers, their BatchNorms and every consumer's input. Only the channels
+   some producers use and others do not are still scattered back. Done only when every
+   producer on the stream is gated, every BatchNorm on it hosts one of their gates and the
+   ops between are elementwise/reshapes; the result is always checked against the gated
+   model, and compaction falls back to full-width streams if it differs.
 
 Finally the compacted copy is checked against the gated model on ``example_inputs``.
 Per-layer rules live in small tables (:data:`FOLDERS`) that users can extend.
@@ -202,6 +210,64 @@ def _needs_scatter(dg: tp.DependencyGraph, group, layer: _Gated) -> bool:
     return coupled or not consumers
 
 
+#: Torch-Pruning node types a narrowed stream may pass through besides its producers,
+#: their BatchNorms and its consumers (``relu``/``add``/pooling and ``flatten``).
+_STREAM_OPS = (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE)
+
+
+def _stream_members(dg: tp.DependencyGraph, layer: _Gated, by_module: dict[int, _Gated]) -> list[_Gated] | None:
+    """The gated layers writing into ``layer``'s residual stream, or None when the stream
+    cannot be narrowed: an ungated producer, a BatchNorm that hosts none of their gates
+    (pre-activation), an op that remaps channels (concat, split, ...), a producer of
+    another width, or no consumer."""
+    group = dg.get_pruning_group(layer.producer, dg.get_pruner_of_module(layer.producer).prune_out_channels,
+                                 layer.dead)
+    members: dict[int, _Gated] = {}
+    consumers = False
+    for dep, idxs in group:
+        module, kind = dep.target.module, dep.target.type
+        if kind in _STREAM_OPS:
+            continue
+        if kind not in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN):
+            return None
+        out = dg.is_out_channel_pruning_fn(dep.handler)
+        if kind != tp.ops.OPTYPE.BN and not out:
+            consumers = True
+            continue
+        member = by_module.get(id(module))
+        if member is None or member.total != layer.total or sorted(idxs) != layer.dead:
+            return None  # ungated producer, foreign BatchNorm, or not an identity channel map
+        members[id(member)] = member
+    return list(members.values()) if consumers else None
+
+
+def _narrow_streams(dg: tp.DependencyGraph, stream: list[_Gated]) -> dict[int, list[int]]:
+    """Removes the channels every producer of a residual stream leaves dead from the whole
+    stream; returns ``{id(layer): removed stream channels}`` for the layers it narrowed."""
+    by_module = {}
+    for layer in stream:
+        by_module[id(layer.producer)] = layer
+        by_module[id(layer.host)] = layer
+    removed: dict[int, list[int]] = {}
+    seen: set[int] = set()
+    for layer in stream:
+        if id(layer) in seen:
+            continue
+        members = _stream_members(dg, layer, by_module)
+        if members is None:
+            seen.add(id(layer))
+            continue
+        seen.update(id(m) for m in members)
+        common = sorted(set.intersection(*(set(m.dead) for m in members)))
+        if not common:
+            continue
+        dg.get_pruning_group(layer.producer, dg.get_pruner_of_module(layer.producer).prune_out_channels,
+                             common).prune(record_history=False)
+        for m in members:
+            removed[id(m)] = common
+    return removed
+
+
 def _shrink_outputs(dg: tp.DependencyGraph, module: nn.Module, dead: list[int], name: str) -> None:
     pruner = dg.get_pruner_of_module(module)
     if pruner is None:
@@ -216,6 +282,7 @@ def compact(
     min_width: int = 1,
     verify: bool = True,
     rtol: float = 1e-5,
+    narrow_streams: bool = True,
 ) -> nn.Module:
     """A new, gate-free, physically smaller copy of ``model`` with the same outputs.
 
@@ -227,6 +294,9 @@ def compact(
             exactly as in the gated model), so the network keeps its shapes; warns.
         verify: compare outputs with the gated model (eval mode) and raise
             :class:`CompactionError` if ``max|diff| > rtol * max(1, max|output|)``.
+        narrow_streams: remove residual-stream channels that every producer of the stream
+            leaves dead (step 4 above). A narrowed result is always checked; if it differs
+            from the gated model, compaction is redone with full-width streams.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -239,6 +309,20 @@ def compact(
     if not any(isinstance(m, DAMGate) for m in source.modules()):
         raise CompactionError("compact: the model has no DAM gates; call torchdam.attach(model) first")
     reference = run_eval(source, example_inputs)
+    small, narrowed = _compacted_copy(source, example_inputs, min_width, narrow_streams)
+    if narrowed:
+        try:
+            check_equivalent(small, reference, example_inputs, rtol)
+            return small
+        except CompactionError:
+            small, _ = _compacted_copy(source, example_inputs, min_width, False)
+    if verify:
+        check_equivalent(small, reference, example_inputs, rtol)
+    return small
+
+
+def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_streams: bool) -> tuple[nn.Module, bool]:
+    """The compacted copy of ``source`` (unchecked), and whether a stream was narrowed."""
     small = copy.deepcopy(source).eval()
     with torch.no_grad():
         gated = _collect(small, min_width)
@@ -260,17 +344,25 @@ def compact(
             stream.append(layer)
         else:
             group.prune(record_history=False)
+    removed = _narrow_streams(dg, stream) if narrow_streams else {}
     for layer in stream:
-        _shrink_outputs(dg, layer.producer, layer.dead, layer.name)
+        keep, dead, total = layer.keep, layer.dead, layer.total
+        if id(layer) in removed:  # renumber within the narrowed stream
+            gone = set(removed[id(layer)])
+            position = {c: i for i, c in enumerate(c for c in range(layer.total) if c not in gone)}
+            keep = [position[c] for c in keep]
+            dead = [position[c] for c in dead if c not in gone]
+            total = layer.total - len(gone)
+        if not dead:  # the stream's widest producer: nothing to scatter
+            continue
+        _shrink_outputs(dg, layer.producer, dead, layer.name)
         if layer.host is not layer.producer:
-            _shrink_outputs(dg, layer.host, layer.dead, layer.host_name)
-        small.set_submodule(layer.host_name, ScatterUnits(layer.host, layer.keep, layer.total, layer.axis))
+            _shrink_outputs(dg, layer.host, dead, layer.host_name)
+        small.set_submodule(layer.host_name, ScatterUnits(layer.host, keep, total, layer.axis))
     for p in small.parameters():
         p.requires_grad_(False)
     small.eval()
-    if verify:
-        check_equivalent(small, reference, example_inputs, rtol)
-    return small
+    return small, bool(removed)
 
 
 def check_equivalent(small: nn.Module, reference: list[Tensor], example_inputs, rtol: float = 1e-5) -> float:

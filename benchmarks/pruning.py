@@ -52,6 +52,7 @@ CONV_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
                   "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7), "chipnet": (0.3, 0.5, 0.7)}
 QUICK_LIMIT = 512
 LATENCY_BATCHES = (1, 64)
+ZOOM_POINTS = 4.0  # the Pareto plot shows accuracies within this many points of the best
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,15 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
         for ax, i in ((axes[0], 0), (axes[1], 1)):
             ax.plot([p[i] for p in points], [100 * p[2] for p in points], "o-" if len(points) > 1 else "o",
                     label=method)
+    # Zoom on the useful band: a collapsed run (e.g. L0 at 18%) would squash every curve.
+    accs = [100 * p[2] for points in by_method.values() for p in points]
+    floor = max(accs) - ZOOM_POINTS if accs else 0
+    hidden = sum(a < floor for a in accs)
     for ax, what in zip(axes, ("FLOPs per sample", "parameters")):
+        if hidden:
+            ax.set_ylim(floor, max(accs) + 0.2 * ZOOM_POINTS / 4)
+            ax.text(0.02, 0.02, f"{hidden} point(s) below {floor:.1f}% not shown", transform=ax.transAxes,
+                    fontsize=8, color="gray")
         ax.set_xscale("log")
         ax.set_xlabel(what + " (compacted model, log)")
         ax.set_ylabel("test accuracy %")
@@ -416,6 +425,8 @@ def merge(sources: list[Path], out: Path) -> None:
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r.get("strength") or 0, r.get("seed") or 0))
     first = metas[0]
     for meta in metas[1:]:
         for key in ("study", "config", "finetune_epochs", "train_images"):

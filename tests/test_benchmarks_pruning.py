@@ -79,7 +79,7 @@ def test_merge_adds_a_later_method_and_refuses_other_recipes(pruning, tmp_path):
     b = _results(tmp_path / "b", [row("dense", 0, 0.9), row("chipnet", 0.5, 0.7)], command="second")
     assert pruning.main(["lenet300-mnist", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
-    assert [r["method"] for r in merged["runs"]] == ["dense", "dam", "chipnet"]  # one dense row
+    assert [r["method"] for r in merged["runs"]] == ["dense", "dam", "chipnet"]  # one dense row, METHODS order
     assert merged["meta"]["command"] == "first ; second"
     assert "| chipnet | 0.5 |" in (tmp_path / "m" / "results.md").read_text()
     c = _results(tmp_path / "c", [row("l0", 0.01, 0.5)], epochs=2)

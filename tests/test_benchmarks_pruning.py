@@ -85,3 +85,18 @@ def test_merge_adds_a_later_method_and_refuses_other_recipes(pruning, tmp_path):
     c = _results(tmp_path / "c", [row("l0", 0.01, 0.5)], epochs=2)
     with pytest.raises(SystemExit, match="config differs"):
         pruning.main(["lenet300-mnist", "--merge", str(a), str(c), "--out", str(tmp_path / "n")])
+
+
+def test_slimming_trains_its_sparsity_stage_once_per_seed(pruning, monkeypatch):
+    """The sparsity stage does not depend on the ratio: every ratio of one seed prunes it."""
+    calls, pruned = [], []
+    monkeypatch.setattr(pruning.slimming, "train", lambda setup: calls.append(setup.config.seed) or f"stage{len(calls)}")
+    monkeypatch.setattr(pruning.BASELINES, "get", lambda name: lambda setup, s, pretrained=None: pruned.append(
+        (s, pretrained)))
+    plan = pruning.method_jobs(pruning.STUDIES["resnet20-cifar10"], ("slimming",), quick=False)
+    setup = lambda seed: type("S", (), {"config": type("C", (), {"seed": seed})()})()
+    for seed in (0, 1):
+        for _, strength, runner in plan.jobs:
+            runner(setup(seed), strength, None)
+    assert calls == [0, 1]
+    assert [p for _, p in pruned] == ["stage1"] * 3 + ["stage2"] * 3

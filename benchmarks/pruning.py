@@ -52,7 +52,7 @@ CONV_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
                   "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7), "chipnet": (0.3, 0.5, 0.7)}
 QUICK_LIMIT = 512
 LATENCY_BATCHES = (1, 64)
-ZOOM_POINTS = 4.0  # the Pareto plot shows accuracies within this many points of the best
+ZOOM_POINTS = 30.0  # the Pareto plot leaves out collapsed runs, this many points below the best
 
 
 @dataclass(frozen=True)
@@ -415,7 +415,9 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     hidden = sum(a < floor for a in accs)
     for ax, what in zip(axes, ("FLOPs per sample", "parameters")):
         if hidden:
-            ax.set_ylim(floor, max(accs) + 0.2 * ZOOM_POINTS / 4)
+            shown = [a for a in accs if a >= floor]
+            pad = 0.05 * (max(shown) - min(shown) or 1.0)
+            ax.set_ylim(min(shown) - pad, max(shown) + pad)
             ax.text(0.02, 0.02, f"{hidden} point(s) below {floor:.1f}% not shown", transform=ax.transAxes,
                     fontsize=8, color="gray")
         ax.set_xscale("log")

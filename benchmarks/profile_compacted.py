@@ -266,16 +266,6 @@ def malloc_keep_memory() -> bool:
     return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     malloc = malloc_keep_memory() if args.malloc_keep_memory else False
@@ -291,7 +281,7 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {
         "command": " ".join(["python", "benchmarks/profile_compacted.py", *args.argv]),
         "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(), "iters": args.iters,
-        "machine": f"{cpu_name()} ({platform.machine()})", "torch": torch.__version__,
+        "machine": f"{perf.cpu_name()} ({platform.machine()})", "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "units_dead": round(1 - live / units, 3),
         "loadavg": list(_loadavg()), "malloc_keep_memory": malloc, "record_shapes": args.record_shapes,
         "models": {},
@@ -342,7 +332,6 @@ def _loadavg() -> tuple[float, ...]:
 def markdown(r: dict) -> str:
     ms = r["models"]
     keys = list(ms)
-    d = ms["dense"]
     lines = [f"# Profile: {r['model']} dense vs compacted, batch {r['batch']}", "",
              f"Command: `{r['command']}`  ",
              f"Machine: {r['machine']}, torch {r['torch']}, {r['threads']} thread(s); {r['date']}; "

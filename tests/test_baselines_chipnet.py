@@ -5,48 +5,20 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
 
 from torchdam.baselines import BASELINES, Setup, chipnet, dense
 from torchdam.baselines.common import place
 from torchdam.count import count
-from torchdam.data import Splits
 from torchdam.errors import ConfigError, ShapeError
 from torchdam.train import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny kernels: extra threads only add contention on a shared 2-core box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _data(n: int, g: torch.Generator) -> TensorDataset:
-    x = torch.randn(n, 3, 8, 8, generator=g)
-    y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
-    return TensorDataset(x, y)
-
-
-def _splits() -> Splits:
-    g = torch.Generator().manual_seed(0)
-    return Splits(_data(256, g), _data(64, g), _data(128, g), (3, 8, 8), 4, "synthetic")
-
-
-def tiny_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+from tiny_task import one_thread, tiny_cnn, tiny_splits  # noqa: F401 (one_thread: autouse fixture)
 
 
 def _setup(**kw) -> Setup:
     # batch 8: 32 steps an epoch, so a 4-epoch ChipNet stage has 128 steps to learn its masks
     config = TrainConfig(epochs=2, batch_size=8, lr=0.05, progress=False)
-    return Setup(tiny_cnn, _splits(), config, **{"finetune_epochs": 1, **kw})
+    return Setup(tiny_cnn, tiny_splits(), config, **{"finetune_epochs": 1, **kw})
 
 
 def test_logistic_and_heaviside_by_hand() -> None:

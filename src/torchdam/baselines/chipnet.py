@@ -72,10 +72,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from torchdam.attach import GATE_ATTR
 from torchdam.baselines import dense
-from torchdam.baselines.common import (EVAL_BATCH, FixedMask, Result, Setup, Trained, _keep_top, finetune,
-                                       finish, place, test_accuracy, widths_of)
+from torchdam.baselines.common import (EVAL_BATCH, Result, Setup, Trained, _keep_top, finetune, finish,
+                                       freeze_gates, place, test_accuracy, widths_of)
 from torchdam.compact import compact
 from torchdam.errors import ConfigError, ShapeError
 from torchdam.train import Trainer
@@ -272,14 +271,7 @@ def run(setup: Setup, strength: float, *, pretrained: Trained | None = None, pru
     for name, values in z.items():
         masks[name] = _keep_top(values, keep[start:start + values.numel()], setup.min_width).float()
         start += values.numel()
-    frozen = copy.deepcopy(model)
-    for module in frozen.modules():
-        gate = getattr(module, GATE_ATTR, None)
-        if isinstance(gate, ChipNetMask):
-            fixed = FixedMask(masks[gate.producer_name].to(gate.psi.device), gate.axis)
-            fixed.producer_name, fixed.host_name = gate.producer_name, gate.host_name
-            setattr(module, GATE_ATTR, fixed)
-    small = compact(frozen, setup.examples(), min_width=setup.min_width)
+    small = compact(freeze_gates(model, masks), setup.examples(), min_width=setup.min_width)
     before = test_accuracy(stage.trainer, small, setup)
     tuned = finetune(small, setup)
     stages = [pre, stage] if tuned is None else [pre, stage, tuned]

@@ -193,6 +193,22 @@ class FixedMask(DAMGate):
         return self.values
 
 
+def freeze_gates(model: nn.Module, values: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``model`` in which every hooked gate whose layer is in ``values`` is a
+    :class:`FixedMask` with those values: how a method with trained gates (L0, ChipNet)
+    hands its final decision to :func:`torchdam.compact`."""
+    frozen = copy.deepcopy(model)
+    for module in frozen.modules():
+        gate = getattr(module, GATE_ATTR, None)
+        name = getattr(gate, "producer_name", None)
+        if name in values:
+            device = next(iter(gate.parameters()), values[name]).device  # the trained gate's device
+            fixed = FixedMask(values[name].to(device), gate.axis)
+            fixed.producer_name, fixed.host_name = name, gate.host_name
+            setattr(module, GATE_ATTR, fixed)
+    return frozen
+
+
 def compact_masks(model: nn.Module, masks: dict[str, Tensor], setup: Setup) -> nn.Module:
     """A smaller copy of the gate-free ``model`` whose site outputs are scaled by
     ``masks[name]`` (units at 0 removed); sites without a mask keep every unit."""

@@ -18,14 +18,12 @@ so ``setup.config``'s lr and weight decay apply to it too).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
-from torchdam.attach import GATE_ATTR
-from torchdam.baselines.common import FixedMask, Result, Setup, finish, fit, place, test_accuracy, widths_of
+from torchdam.baselines.common import Result, Setup, finish, fit, freeze_gates, place, test_accuracy, widths_of
 from torchdam.compact import compact
 from torchdam.errors import ConfigError, ShapeError
 
@@ -102,14 +100,7 @@ def run(setup: Setup, strength: float, *, droprate_init: float = 0.3) -> Result:
     place(model, setup, lambda site: HardConcreteGate(site.units, site.axis, droprate_init))
     trained = fit(model, setup.config, setup, extra_penalty=lambda m: strength * expected_l0(m))
     masks = {name: g.deterministic().detach().cpu() for name, g in gates_of(model).items()}
-    frozen = copy.deepcopy(model)
-    for module in frozen.modules():
-        gate = getattr(module, GATE_ATTR, None)
-        if isinstance(gate, HardConcreteGate):
-            fixed = FixedMask(gate.deterministic().detach(), gate.axis)
-            fixed.producer_name, fixed.host_name = gate.producer_name, gate.host_name
-            setattr(module, GATE_ATTR, fixed)
-    small = compact(frozen, setup.examples(), min_width=setup.min_width)
+    small = compact(freeze_gates(model, masks), setup.examples(), min_width=setup.min_width)
     return finish("l0", strength, small, [trained], setup, widths_of(masks), droprate_init=droprate_init,
                   test_acc_gated=test_accuracy(trained.trainer, model, setup),
                   expected_l0=expected_l0(model).detach().item())

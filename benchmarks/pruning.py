@@ -45,11 +45,11 @@ from torchdam.train import TrainConfig
 METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet")
 #: strengths per method: DAM/L0 lambdas, magnitude/slimming/chipnet fractions of units removed.
 #: L0's lambda multiplies the expected number of active units, so it is far smaller than
-#: DAM's (0.5 closed every unit of LeNet-300-100 in 8 epochs).
-MLP_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
+#: DAM's; its values span the measured curves of BENCHMARKS.md (about 1.5-16x fewer FLOPs).
+MLP_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.0015, 0.002, 0.003, 0.01),
                  "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7), "chipnet": (0.3, 0.5, 0.7)}
-CONV_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.001, 0.003, 0.01, 0.03),
-                  "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7), "chipnet": (0.3, 0.5, 0.7)}
+CONV_STRENGTHS = {**MLP_STRENGTHS, "l0": (0.002, 0.004, 0.008, 0.016)}
+RESNET_STRENGTHS = {**MLP_STRENGTHS, "l0": (0.0003, 0.001, 0.002, 0.003)}
 QUICK_LIMIT = 512
 LATENCY_BATCHES = (1, 64)
 ZOOM_POINTS = 30.0  # the Pareto plot leaves out collapsed runs, this many points below the best
@@ -67,6 +67,8 @@ class Study:
     augment: bool = False
     val_size: int = 5000
     description: str = ""
+    #: L0's log_alpha lr (own group, no decay); None: ``torchdam.baselines.l0``'s default
+    l0_gate_lr: float | None = None
 
 
 def _config(**kwargs) -> TrainConfig:
@@ -82,9 +84,9 @@ _CIFAR = dict(epochs=160, lr=0.1, momentum=0.9, batch_size=128, weight_decay=1e-
 STUDIES: dict[str, Study] = {
     "lenet300-mnist": Study("lenet300", "mnist", _config(**_MNIST), MLP_STRENGTHS, finetune_epochs=5),
     "lenet5-mnist": Study("lenet5", "mnist", _config(**_MNIST), CONV_STRENGTHS, finetune_epochs=5),
-    "resnet20-cifar10": Study("resnet20", "cifar10", _config(**_CIFAR), CONV_STRENGTHS,
+    "resnet20-cifar10": Study("resnet20", "cifar10", _config(**_CIFAR), RESNET_STRENGTHS,
                               finetune_epochs=20, augment=True),
-    "resnet56-cifar10": Study("resnet56", "cifar10", _config(**_CIFAR), CONV_STRENGTHS,
+    "resnet56-cifar10": Study("resnet56", "cifar10", _config(**_CIFAR), RESNET_STRENGTHS,
                               finetune_epochs=20, augment=True),
     # The DAM paper's PreResNet-164 run, unchanged: SGD 0.05, momentum 0.9, x0.1 at epochs
     # 100 and 150, weight decay 1e-3 on weights only, batch 128, 200 epochs, beta frozen
@@ -197,14 +199,16 @@ def method_jobs(study: Study, methods: tuple[str, ...], quick: bool) -> Plan:
         strengths = study.strengths.get(method, ())
         if quick:
             strengths = strengths[len(strengths) // 2:][:1]
-        runner = _runner(method)  # one per method: slimming's runner shares its stage across strengths
+        runner = _runner(method, study)  # one per method: slimming's runner shares its stage across strengths
         for s in strengths:
             plan.jobs.append((method, s, runner))
     return plan
 
 
-def _runner(method: str) -> Callable[[Setup, float, Trained], Result]:
+def _runner(method: str, study: Study) -> Callable[[Setup, float, Trained], Result]:
     run = BASELINES.get(method)
+    if method == "l0":
+        return lambda setup, s, pre: run(setup, s, gate_lr=study.l0_gate_lr)
     if method in ("magnitude", "chipnet"):
         return lambda setup, s, pre: run(setup, s, pretrained=pre)
     if method == "slimming":
@@ -396,6 +400,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     by_method: dict[str, list[tuple[float, float, float]]] = {}
@@ -421,6 +426,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
             ax.text(0.02, 0.02, f"{hidden} point(s) below {floor:.1f}% not shown", transform=ax.transAxes,
                     fontsize=8, color="gray")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short decades
         ax.set_xlabel(what + " (compacted model, log)")
         ax.set_ylabel("test accuracy %")
         ax.grid(alpha=0.3)
@@ -436,18 +442,28 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 ABLATIONS = {"ablation-lenet300": "lenet300-mnist"}
 
 
-def merge(sources: list[Path], out: Path) -> None:
+def parse_source(item: str) -> tuple[Path, frozenset[str] | None]:
+    """``"DIR"`` -> every row of DIR; ``"DIR:dense,dam"`` -> only those methods' rows (to
+    leave out rows a later change of a method superseded)."""
+    path, sep, methods = item.rpartition(":")
+    if not sep or not methods or not set(methods.split(",")) <= set(METHODS):
+        return Path(item), None
+    return Path(path), frozenset(methods.split(","))
+
+
+def merge(sources: list[str], out: Path) -> None:
     """One table and Pareto plot from several runs of the same study (e.g. a method added
-    later with ``--methods dense chipnet``). A (method, strength, seed) row already taken
-    from an earlier source is skipped; the runs must share the study, epochs and seeds'
-    recipe, which is checked (the dense rows of a deterministic recipe are then identical)."""
+    later with ``--methods dense chipnet``); ``DIR:m1,m2`` takes only those methods from
+    DIR. A (method, strength, seed) row already taken from an earlier source is skipped;
+    the runs must share the study, epochs and seeds' recipe, which is checked (the dense
+    rows of a deterministic recipe are then identical)."""
     metas, rows, seen = [], [], set()
-    for source in sources:
+    for source, methods in map(parse_source, sources):
         data = json.loads((source / "results.json").read_text())
         metas.append(data["meta"])
         for r in data["runs"]:
             key = (r["method"], r.get("strength"), r.get("seed"), r.get("matched_to"))
-            if key not in seen:
+            if key not in seen and (methods is None or r["method"] in methods):
                 seen.add(key)
                 rows.append(r)
     order = {m: i for i, m in enumerate(METHODS)}
@@ -458,7 +474,7 @@ def merge(sources: list[Path], out: Path) -> None:
             if meta[key] != first[key]:
                 raise SystemExit(f"cannot merge: {key} differs between runs ({meta[key]!r} vs {first[key]!r})")
     write_results(out, {**first, "seeds": max(m["seeds"] for m in metas),
-                        "command": " ; ".join(m["command"] for m in metas), "merged_from": [str(s) for s in sources]},
+                        "command": " ; ".join(m["command"] for m in metas), "merged_from": list(sources)},
                   rows)
 
 
@@ -481,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=[*STUDIES, *ABLATIONS])
-    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="DIR",
-                        help="instead of running: merge these runs' results.json into --out")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR[:METHODS]",
+                        help="instead of running: merge these runs' results.json into --out; "
+                             "DIR:dense,dam takes only those methods' rows from DIR")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512 images, 1 epoch, 1 strength/method")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=None, help="main-stage epochs (default: the study's)")
@@ -491,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta-lr", type=float, default=None,
                         help="DAM beta learning rate (default: the study's). Beta's travel grows with "
                              "lr x steps, so a run with far fewer steps than the study's needs a larger one")
+    parser.add_argument("--l0-gate-lr", type=float, default=None,
+                        help="L0's log_alpha lr, in its own group without weight decay (default: the study's)")
     parser.add_argument("--strengths", nargs="+", default=[], metavar="METHOD=S1,S2,...",
                         help="override a method's strengths, e.g. l0=0.003,0.01,0.02")
     parser.add_argument("--out", type=Path, default=None)
@@ -509,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         study = dataclasses.replace(study, finetune_epochs=args.finetune_epochs)
     if args.beta_lr is not None:
         study = dataclasses.replace(study, config=dataclasses.replace(study.config, beta_lr=args.beta_lr))
+    if args.l0_gate_lr is not None:
+        study = dataclasses.replace(study, l0_gate_lr=args.l0_gate_lr)
     if args.strengths:
         study = dataclasses.replace(study, strengths={**study.strengths, **parse_strengths(args.strengths, parser)})
     methods = tuple(args.methods) if args.methods else tuple(m for m in METHODS if m == "dense" or m in study.strengths)

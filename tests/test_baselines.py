@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from torchdam.baselines import BASELINES, NotApplicableError, Setup, dense, l0
-from torchdam.baselines.common import compact_masks, global_masks, uniform_masks
+from torchdam.baselines.common import compact_masks, global_masks, place, uniform_masks
 from torchdam.count import count
 from torchdam.errors import ConfigError
 from torchdam.train import TrainConfig, Trainer
@@ -131,3 +131,33 @@ def test_bad_options_are_config_errors() -> None:
         _setup(finetune_epochs=-1)
     with pytest.raises(ConfigError, match="droprate_init"):
         l0.HardConcreteGate(4, droprate_init=1.0)
+
+
+def test_l0_log_alpha_has_its_own_faster_lr() -> None:
+    """At the weights' lr the penalty barely moves log_alpha in a short run; at the default
+    (20x the weights' lr, in its own group) it moves it several times as far."""
+    config = TrainConfig(epochs=2, batch_size=32, lr=0.05, weight_decay=0.01, progress=False)
+    setup = Setup("lenet300", tiny_splits(), config)
+    slow = l0.run(setup, 0.2, gate_lr=0.05)
+    default = l0.run(setup, 0.2)
+    assert slow.extra["gate_lr"] == 0.05 and default.extra["gate_lr"] == pytest.approx(20 * 0.05)
+    start = 400 * torch.sigmoid(torch.tensor(math.log(0.7 / 0.3) - 2 / 3 * math.log(0.1 / 1.1))).item()
+    assert start - default.extra["expected_l0"] > 4 * (start - slow.extra["expected_l0"]) > 0
+    with pytest.raises(ConfigError, match="gate_lr"):
+        l0.run(setup, 0.05, gate_lr=0.0)
+
+
+def test_l0_draws_one_gate_per_sample_and_unit_through_the_hook() -> None:
+    gate = l0.HardConcreteGate(16).train()
+    out = gate(torch.ones(64, 16, 2, 2))
+    assert torch.equal(out[:, :, 0, 0], out[:, :, 1, 1])  # one value per (sample, unit)
+    assert not torch.equal(out[0], out[1])  # samples draw independently
+    evaluated = gate.eval()(torch.ones(2, 16, 3))
+    assert torch.equal(evaluated[0], evaluated[1]) and torch.equal(evaluated[0, :, 0], gate.deterministic())
+    model = tiny_cnn()
+    gates = place(model, _setup(), lambda site: l0.HardConcreteGate(site.units, site.axis), fused=False)
+    seen = []
+    gates["0"].register_forward_hook(lambda m, i, o: seen.append(o))
+    model.train()(torch.randn(4, 3, 8, 8))
+    assert len(seen) == 1 and seen[0].shape == (4, 16, 8, 8)  # the gate ran on the BatchNorm's output
+

@@ -1,6 +1,7 @@
 """The pruning benchmark's quick mode, end to end on real MNIST (benchmarks/pruning.py)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -82,6 +83,11 @@ def test_merge_adds_a_later_method_and_refuses_other_recipes(pruning, tmp_path):
     assert [r["method"] for r in merged["runs"]] == ["dense", "dam", "chipnet"]  # one dense row, METHODS order
     assert merged["meta"]["command"] == "first ; second"
     assert "| chipnet | 0.5 |" in (tmp_path / "m" / "results.md").read_text()
+    newer = _results(tmp_path / "newer", [row("dam", 0.5, 0.6)], command="newer")
+    assert pruning.main(["lenet300-mnist", "--merge", str(newer), f"{a}:dense", str(b), "--out",
+                         str(tmp_path / "m2")]) == 0
+    merged = json.loads((tmp_path / "m2" / "results.json").read_text())
+    assert [(r["method"], r["strength"]) for r in merged["runs"]] == [("dense", 0), ("dam", 0.5), ("chipnet", 0.5)]
     c = _results(tmp_path / "c", [row("l0", 0.01, 0.5)], epochs=2)
     with pytest.raises(SystemExit, match="config differs"):
         pruning.main(["lenet300-mnist", "--merge", str(a), str(c), "--out", str(tmp_path / "n")])
@@ -100,3 +106,12 @@ def test_slimming_trains_its_sparsity_stage_once_per_seed(pruning, monkeypatch):
             runner(setup(seed), strength, None)
     assert calls == [0, 1]
     assert [p for _, p in pruned] == ["stage1"] * 3 + ["stage2"] * 3
+
+
+def test_l0_gate_lr_of_the_study_reaches_every_l0_run(pruning, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pruning.BASELINES, "get", lambda name: lambda setup, s, **kw: seen.append((s, kw)))
+    study = dataclasses.replace(pruning.STUDIES["lenet300-mnist"], l0_gate_lr=0.7)
+    for _, strength, runner in pruning.method_jobs(study, ("l0",), quick=False).jobs:
+        runner(None, strength, None)
+    assert seen == [(s, {"gate_lr": 0.7}) for s in study.strengths["l0"]]

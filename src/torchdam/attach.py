@@ -65,7 +65,8 @@ def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> boo
     return False
 
 
-def _apply_gate(module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+def apply_gate(module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+    """The forward hook of a gated host without a fused forward: ``gate(output)``."""
     return getattr(module, GATE_ATTR)(output)
 
 
@@ -213,7 +214,7 @@ def attach(
         if fn is not None and "forward" not in host.__dict__:
             host.forward = GatedForward(host, fn)
         else:
-            host.register_forward_hook(_apply_gate)
+            host.register_forward_hook(apply_gate)
         gates[name] = g
     if not gates:
         what = ", ".join(s.__name__ if isinstance(s, type) else repr(s) for s in layers)
@@ -264,7 +265,7 @@ def detach(model: nn.Module) -> nn.Module:
             if isinstance(module.__dict__.get("forward"), GatedForward):
                 del module.forward
             for key, hook in list(module._forward_hooks.items()):
-                if hook is _apply_gate:
+                if hook is apply_gate:
                     del module._forward_hooks[key]
     return model
 

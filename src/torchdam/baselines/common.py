@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from torchdam.attach import GATE_ATTR, Selector, attach, detach
+from torchdam.attach import GATE_ATTR, GatedForward, Selector, apply_gate, attach, detach
 from torchdam.compact import compact
 from torchdam.count import count
 from torchdam.data import Splits
@@ -168,14 +168,22 @@ def find_sites(model: nn.Module, setup: Setup) -> dict[str, Site]:
     return sites
 
 
-def place(model: nn.Module, setup: Setup, make_gate: Callable[[Site], nn.Module]) -> dict[str, nn.Module]:
+def place(model: nn.Module, setup: Setup, make_gate: Callable[[Site], nn.Module],
+          fused: bool = True) -> dict[str, nn.Module]:
     """Hook ``make_gate(site)`` (in place) on every site, where :func:`torchdam.attach` puts
-    a DAM gate and with its hook; returns ``{layer name: gate}``."""
+    a DAM gate and with its hook or fused forward; returns ``{layer name: gate}``.
+    ``fused=False`` applies every gate through the forward hook, ``gate(host output)``:
+    for gates whose values differ per sample, which a fused forward (one ``(n,)`` mask
+    folded into the host's weights) cannot take."""
     gates = {}
     for site in _attach_sites(model, setup).values():
         gate = make_gate(site)
         gate.producer_name, gate.host_name = site.name, site.host
-        setattr(model.get_submodule(site.host), GATE_ATTR, gate)
+        host = model.get_submodule(site.host)
+        setattr(host, GATE_ATTR, gate)
+        if not fused and isinstance(host.__dict__.get("forward"), GatedForward):
+            del host.forward
+            host.register_forward_hook(apply_gate)
         gates[site.name] = gate
     return gates
 
@@ -261,10 +269,14 @@ def _check_ratio(ratio: float) -> None:
 
 
 def fit(model: nn.Module, config: TrainConfig, setup: Setup,
-        extra_penalty: Callable[[nn.Module], Tensor] | None = None) -> Trained:
-    """Train ``model`` in place on the setup's data; the validation set is logged each epoch."""
+        extra_penalty: Callable[[nn.Module], Tensor] | None = None,
+        adjust: Callable[[Trainer], None] | None = None) -> Trained:
+    """Train ``model`` in place on the setup's data; the validation set is logged each epoch.
+    ``adjust(trainer)`` runs before training (e.g. to regroup the optimizer's parameters)."""
     splits = setup.splits
     trainer = Trainer(model, config, device=setup.device, extra_penalty=extra_penalty)
+    if adjust is not None:
+        adjust(trainer)
     val = DataLoader(splits.val, batch_size=EVAL_BATCH) if len(splits.val) else None
     start = time.perf_counter()
     trainer.fit(DataLoader(splits.train, batch_size=config.batch_size, shuffle=True), val)

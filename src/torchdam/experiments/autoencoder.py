@@ -25,7 +25,7 @@ from torchdam.attach import attach, widths
 from torchdam.data import fashion_mnist_arrays, mnist_arrays
 from torchdam.experiments import EXPERIMENTS
 from torchdam.experiments.common import (
-    fmt, mean_std, pca, plt, progress, save_figure, seed_list, table, write_results,
+    mean_std, pca, plt, progress, save_figure, seed_list, table, write_results,
 )
 from torchdam.train import Trainer, TrainConfig
 

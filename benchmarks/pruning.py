@@ -259,7 +259,7 @@ def _relabel(result: Result, name: str) -> Result:
 
 
 def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bool, methods: tuple[str, ...],
-              out: Path, device: str, ablation: bool = False, progress: bool = True) -> list[dict]:
+              out: Path, device: str, ablation: bool = False, progress: bool = True, first_seed: int = 0) -> list[dict]:
     epochs = epochs or (1 if quick else study.config.epochs)
     finetune_epochs = 1 if quick else min(study.finetune_epochs, epochs)
     repeats = 5 if quick else 30
@@ -276,7 +276,7 @@ def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bo
     rows: list[dict] = []
     total = seeds * (1 + len(plan.jobs) + (len(plan.jobs) if ablation else 0))
     bar = tqdm(total=total, desc=name, disable=not progress)
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         setup = Setup(study.model, splits, dataclasses.replace(config, seed=seed),
                       finetune_epochs=finetune_epochs, device=device)
         bar.set_postfix_str(f"seed {seed} dense")
@@ -473,7 +473,8 @@ def merge(sources: list[str], out: Path) -> None:
         for key in ("study", "config", "finetune_epochs", "train_images"):
             if meta[key] != first[key]:
                 raise SystemExit(f"cannot merge: {key} differs between runs ({meta[key]!r} vs {first[key]!r})")
-    write_results(out, {**first, "seeds": max(m["seeds"] for m in metas),
+    seeds = {r.get("seed") for r in rows} - {None}
+    write_results(out, {**first, "seeds": len(seeds) or max(m["seeds"] for m in metas),
                         "command": " ; ".join(m["command"] for m in metas), "merged_from": list(sources)},
                   rows)
 
@@ -502,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                              "DIR:dense,dam takes only those methods' rows from DIR")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512 images, 1 epoch, 1 strength/method")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds run are first-seed .. first-seed+seeds-1 (add seeds to an earlier run, then --merge)")
     parser.add_argument("--epochs", type=int, default=None, help="main-stage epochs (default: the study's)")
     parser.add_argument("--finetune-epochs", type=int, default=None)
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
@@ -535,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(args.methods) if args.methods else tuple(m for m in METHODS if m == "dense" or m in study.strengths)
     out = args.out or Path("runs/bench") / (args.study + ("-quick" if args.quick else ""))
     start = time.perf_counter()
-    run_study(args.study, study, args.seeds, args.epochs, args.quick, methods, out, args.device,
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error("--seeds must be >= 1 and --first-seed >= 0")
+    run_study(args.study, study, args.seeds, args.epochs, args.quick, methods, out, args.device, first_seed=args.first_seed,
               ablation=ablation, progress=not args.no_progress)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, pareto.png in {time.perf_counter() - start:.1f} s")

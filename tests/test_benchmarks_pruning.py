@@ -115,3 +115,20 @@ def test_l0_gate_lr_of_the_study_reaches_every_l0_run(pruning, monkeypatch):
     for _, strength, runner in pruning.method_jobs(study, ("l0",), quick=False).jobs:
         runner(None, strength, None)
     assert seen == [(s, {"gate_lr": 0.7}) for s in study.strengths["l0"]]
+
+
+@pytest.mark.slow
+def test_a_later_seed_runs_alone_and_merges_into_mean_and_std(pruning, tmp_path):
+    out = tmp_path / "seed1"
+    assert pruning.main(["lenet300-mnist", "--quick", "--no-progress", "--first-seed", "1", "--methods", "dam",
+                         "--out", str(out)]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["seed"] == 1 and run["method"] == "dam"
+    row = lambda seed, acc: {"method": "dam", "strength": run["strength"], "seed": seed, "test_acc": acc,
+                             "flops": 10, "params": 10}
+    seed0 = _results(tmp_path / "seed0", [row(0, 0.9)])
+    seed1 = _results(tmp_path / "s1", [row(1, 0.8)])
+    assert pruning.main(["lenet300-mnist", "--merge", str(seed0), str(seed1), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["meta"]["seeds"] == 2 and len(merged["runs"]) == 2
+    assert "85.00 +- 7.07" in (tmp_path / "m" / "results.md").read_text()

@@ -66,15 +66,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from torchdam.baselines import dense
-from torchdam.baselines.common import (EVAL_BATCH, Result, Setup, Trained, _keep_top, finetune, finish,
-                                       freeze_gates, place, test_accuracy, widths_of)
+from torchdam.baselines.common import (Result, Setup, Trained, _keep_top, finetune, finish, fit, freeze_gates,
+                                       place, test_accuracy, widths_of)
 from torchdam.compact import compact
 from torchdam.errors import ConfigError, ShapeError
 from torchdam.train import Trainer
@@ -207,22 +205,21 @@ def prune_stage(model: nn.Module, masks: list[ChipNetMask], setup: Setup, target
     weights only."""
     config = dataclasses.replace(setup.config, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                  schedule="none", cold_start=0)
-    train = DataLoader(setup.splits.train, batch_size=config.batch_size, shuffle=True)
-    objective = Objective(masks, target, epochs * len(train), budget_weight, crispness_weight)
-    trainer = Trainer(model, config, device=setup.device, extra_penalty=objective)
-    # The Trainer's optimizers are SGD/Adam over one decayed group; ChipNet's is AdamW with
-    # psi undecayed (decay would pull z~ back to 0.5), so it replaces the Trainer's own.
-    psi = {id(m.psi) for m in masks}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in psi]
-    trainer.optimizer = torch.optim.AdamW(
-        [{"params": weights, "name": "weights", "weight_decay": weight_decay},
-         {"params": [m.psi for m in masks], "name": "chipnet_psi", "weight_decay": 0.0,
-          "lr": lr * psi_lr_scale(epochs * len(train))}], lr=lr)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
-    val = DataLoader(setup.splits.val, batch_size=EVAL_BATCH) if len(setup.splits.val) else None
-    start = time.perf_counter()
-    trainer.fit(train, val)
-    return Trained(model, trainer, epochs, time.perf_counter() - start), objective
+    steps = epochs * math.ceil(len(setup.splits.train) / config.batch_size)  # batches per epoch x epochs
+    objective = Objective(masks, target, steps, budget_weight, crispness_weight)
+
+    def official_optimizer(trainer: Trainer) -> None:
+        # The Trainer's optimizers are SGD/Adam over one decayed group; ChipNet's is AdamW with
+        # psi undecayed (decay would pull z~ back to 0.5), so it replaces the Trainer's own.
+        psi = {id(m.psi) for m in masks}
+        weights = [p for p in model.parameters() if p.requires_grad and id(p) not in psi]
+        trainer.optimizer = torch.optim.AdamW(
+            [{"params": weights, "name": "weights", "weight_decay": weight_decay},
+             {"params": [m.psi for m in masks], "name": "chipnet_psi", "weight_decay": 0.0,
+              "lr": lr * psi_lr_scale(steps)}], lr=lr)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
+
+    return fit(model, config, setup, extra_penalty=objective, adjust=official_optimizer), objective
 
 
 def keep_decision(z: Tensor, target: float) -> tuple[Tensor, float]:

@@ -112,18 +112,17 @@ def expected_l0(model: nn.Module) -> Tensor:
 
 
 def _own_gate_group(trainer: Trainer, model: nn.Module, gate_lr: float) -> None:
-    """Rebuild the trainer's optimizer (same type) with every ``log_alpha`` in its own group
-    (``gate_lr``, no weight decay), scheduled like the weights."""
+    """Rebuild the trainer's optimizer (same class and settings) with every ``log_alpha``
+    in its own group (``gate_lr``, no weight decay), scheduled like the weights."""
     gates = [g.log_alpha for g in gates_of(model).values()]
     ids = {id(p) for p in gates}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    old = trainer.optimizer
+    decay = old.param_groups[0]["weight_decay"]
+    trainer.optimizer = type(old)([{"params": weights, "name": "weights", "weight_decay": decay},
+                                   {"params": gates, "name": "l0_log_alpha", "weight_decay": 0.0, "lr": gate_lr}],
+                                  **old.defaults)
     config = trainer.config
-    groups = [{"params": weights, "name": "weights", "weight_decay": config.weight_decay},
-              {"params": gates, "name": "l0_log_alpha", "weight_decay": 0.0, "lr": gate_lr}]
-    if config.optimizer == "sgd":
-        trainer.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    else:
-        trainer.optimizer = torch.optim.Adam(groups, lr=config.lr)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda e: lr_factor(config, e))
 
 

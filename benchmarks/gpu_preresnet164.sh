@@ -17,5 +17,5 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     echo "gpu_preresnet164.sh: no CUDA device visible to $PYTHON; this recipe is for a GPU" >&2
     exit 2
 fi
-exec "$PYTHON" benchmarks/pruning.py preresnet164-cifar10-paper --methods dam --device cuda \
+exec "$PYTHON" -m benchmarks.pruning preresnet164-cifar10-paper --methods dam --device cuda \
     --out runs/bench/preresnet164-cifar10-paper "$@"

@@ -1,6 +1,6 @@
 """Performance of torchdam itself, as ratios measured side by side in one run (issue 5, item 3).
 
-    python benchmarks/perf.py [--quick] [--out DIR]      # writes DIR/perf.json and DIR/perf.md
+    python -m benchmarks.perf [--quick] [--out DIR]      # writes DIR/perf.json and DIR/perf.md
 
 1. **Gate overhead**: train-step time (forward, backward, SGD step; batch 128) of a model
    with DAM gates on every Linear/Conv2d over the same model without them.

@@ -1,6 +1,6 @@
 """Where the time of a compacted CIFAR ResNet goes, next to its dense original (torch.profiler).
 
-    python benchmarks/profile_compacted.py --model resnet20 --batch 64 --threads 1 --out DIR
+    python -m benchmarks.profile_compacted --model resnet20 --batch 64 --threads 1 --out DIR
     # writes DIR/profile_<model>_b<batch>[_keepmem].json and .md
 
 Why does a compacted ResNet run only ~0.4 of its FLOPs ratio faster? For the dense model
@@ -38,7 +38,6 @@ import argparse
 import collections
 import ctypes
 import datetime
-import importlib.util
 import json
 import platform
 import resource
@@ -51,7 +50,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent
 
 #: category -> top-level ATen ops charged to it (everything else: other/dispatch).
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -76,10 +74,9 @@ FLOP_CATEGORY = {"convolution": "convolution", "_convolution": "convolution", "a
 
 
 def load_perf():
-    spec = importlib.util.spec_from_file_location("torchdam_bench_perf", ROOT / "perf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import perf
+
+    return perf
 
 
 def flops_by_category(model: nn.Module, x: torch.Tensor) -> dict[str, int]:

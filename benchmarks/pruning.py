@@ -1,14 +1,14 @@
 """Pruning benchmark (issue 5): DAM against dense, L0, L1-magnitude, Network Slimming and ChipNet.
 
 One command per study; every method runs on the same model, data, trainer and seeds
-(:mod:`torchdam.baselines`), ends in a physically smaller model, and is measured the same
+(:mod:`baselines`), ends in a physically smaller model, and is measured the same
 way: test accuracy, params and FLOPs per sample (:func:`torchdam.count.count`), median
 latency at batch 1 and 64 against the dense model (:func:`torchdam.count.latency`), and
 the whole training cost (epochs including fine-tuning, wall seconds)::
 
-    python benchmarks/pruning.py lenet300-mnist --epochs 8 --out runs/bench/lenet300
-    python benchmarks/pruning.py lenet300-mnist --quick          # smoke run, < 30 s
-    python benchmarks/pruning.py ablation-lenet300 --epochs 8    # DAM variants vs magnitude
+    python -m benchmarks.pruning lenet300-mnist --epochs 8 --out runs/bench/lenet300
+    python -m benchmarks.pruning lenet300-mnist --quick          # smoke run, < 30 s
+    python -m benchmarks.pruning ablation-lenet300 --epochs 8    # DAM variants vs magnitude
 
 Writes ``results.json`` (every run), ``results.md`` (mean +- std over seeds) and
 ``pareto.png`` (accuracy vs FLOPs and vs params, all methods) to ``--out``.
@@ -33,10 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from torchdam.attach import attach, widths
-from torchdam.baselines import BASELINES, NotApplicableError, Result, Setup
-from torchdam.baselines import dam as dam_baseline
-from torchdam.baselines import dense, slimming
-from torchdam.baselines.common import Trained, finetune, find_sites, finish, fit, test_accuracy
+from baselines import BASELINES, NotApplicableError, Result, Setup
+from baselines import dam as dam_baseline
+from baselines import dense, slimming
+from baselines.common import Trained, finetune, find_sites, finish, fit, test_accuracy
 from torchdam.compact import compact
 from torchdam.count import latency
 from torchdam.data import load_dataset
@@ -67,7 +67,7 @@ class Study:
     augment: bool = False
     val_size: int = 5000
     description: str = ""
-    #: L0's log_alpha lr (own group, no decay); None: ``torchdam.baselines.l0``'s default
+    #: L0's log_alpha lr (own group, no decay); None: ``baselines.l0``'s default
     l0_gate_lr: float | None = None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Union
 
 import torch
@@ -154,6 +155,67 @@ def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m) in UNIT_LAYERS and not isinstance(m, _NORMS)]
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where one gate goes: ``name`` is the layer producing the units, ``host`` the module
+    whose output the gate scales (the producer, or the BatchNorm right after it), ``units``
+    their number and ``axis`` their axis (``None``: dim 1 of ``N, C, ...``, else the last)."""
+
+    name: str
+    host: str
+    units: int
+    axis: int | None
+
+
+def plan(
+    model: nn.Module,
+    layers: Iterable[Selector] = (nn.Linear, nn.Conv2d),
+    exclude: Iterable[Selector] = (),
+    *,
+    include_output: bool = False,
+    after_norm: bool = True,
+) -> dict[str, Site]:
+    """Where :func:`attach` would put gates, without changing ``model``.
+
+    Arguments as in :func:`attach`; returns ``{layer name: Site}`` in registration order.
+    Other methods (L0, ChipNet, any per-unit mask) use it to act on the same units as DAM.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        >>> plan(net)["0"].host
+        '1'
+    """
+    layers, exclude = tuple(layers), tuple(exclude)
+    if not layers:
+        raise AttachError("attach needs at least one layer type or name in `layers`")
+    leaves = _leaf_layers(model)
+    output_name = leaves[-1][0] if leaves else None
+    sites: dict[str, Site] = {}
+    for name, module in model.named_modules():
+        if not name or not _matches(name, module, layers) or _matches(name, module, exclude):
+            continue
+        if name == output_name and not include_output:
+            continue
+        n, axis = _units(module)
+        host, host_name = module, name
+        if after_norm and not isinstance(module, _NORMS):
+            found = _following_norm(model, name, module)
+            if found is not None:
+                host_name, host = found
+        if any(isinstance(getattr(m, GATE_ATTR, None), nn.Module) for m in (module, host)):
+            raise AttachError(f"layer {name!r} already has a DAM gate; call torchdam.detach(model) first")
+        sites[name] = Site(name, host_name, n, axis)
+    if not sites:
+        what = ", ".join(s.__name__ if isinstance(s, type) else repr(s) for s in layers)
+        raise AttachError(
+            f"attach matched no layer of {type(model).__name__} for layers=({what})"
+            + (" after exclusions" if exclude else "")
+            + ("; the only match is the output layer (pass include_output=True to gate it)"
+               if output_name and _matches(output_name, model.get_submodule(output_name), layers) else "")
+        )
+    return sites
+
+
 def attach(
     model: nn.Module,
     layers: Iterable[Selector] = (nn.Linear, nn.Conv2d),
@@ -165,7 +227,9 @@ def attach(
     k: float = 5.0,
     beta_init: float | None = None,
     alpha: float = 1.0,
-) -> dict[str, DAMGate]:
+    make_gate: Callable[[Site], nn.Module] | None = None,
+    fused: bool = True,
+) -> dict[str, nn.Module]:
     """Put a DAM gate on the output of every matching submodule of ``model`` (in place).
 
     Args:
@@ -176,6 +240,12 @@ def attach(
         after_norm: when a gated layer is directly followed by a BatchNorm over the same
             units (the next registered sibling), the gate acts on that norm's output.
         gate, k, beta_init, alpha: passed to :class:`DAMGate`.
+        make_gate: build another kind of gate per :class:`Site` instead (any module with a
+            ``mask() -> (n,)`` and ``forward(x)``, e.g. :class:`torchdam.masks.FixedMask`):
+            how other methods place their gates where DAM's go.
+        fused: apply each gate inside the host's forward where a fast rule exists
+            (:data:`GATED_FORWARDS`, one ``(n,)`` mask); ``False`` always uses a forward hook
+            ``gate(host output)``, for gates whose values differ per sample.
 
     Returns:
         ``{qualified name of the gated layer: gate}`` in registration order.
@@ -185,45 +255,26 @@ def attach(
         >>> list(attach(net))
         ['0']
     """
-    layers, exclude = tuple(layers), tuple(exclude)
-    if not layers:
-        raise AttachError("attach needs at least one layer type or name in `layers`")
-    leaves = _leaf_layers(model)
-    output_name = leaves[-1][0] if leaves else None
-    gates: dict[str, DAMGate] = {}
-    for name, module in list(model.named_modules()):
-        if not name or not _matches(name, module, layers) or _matches(name, module, exclude):
-            continue
-        if name == output_name and not include_output:
-            continue
-        n, axis = _units(module)
-        host, host_name = module, name
-        if after_norm and not isinstance(module, _NORMS):
-            found = _following_norm(model, name, module)
-            if found is not None:
-                host_name, host = found
-        if any(isinstance(c, DAMGate) for m in (module, host) for c in m.children()):
-            raise AttachError(f"layer {name!r} already has a DAM gate; call torchdam.detach(model) first")
-        g = DAMGate(n, axis=axis, gate=gate, k=k, beta_init=beta_init, alpha=alpha)
-        ref = next(model.parameters(), None)
+    sites = plan(model, layers, exclude, include_output=include_output, after_norm=after_norm)
+    if make_gate is None:
+        def make_gate(site: Site) -> nn.Module:
+            return DAMGate(site.units, axis=site.axis, gate=gate, k=k, beta_init=beta_init, alpha=alpha)
+    built = {name: make_gate(site) for name, site in sites.items()}  # a bad option changes nothing
+    ref = next(model.parameters(), None)
+    gates: dict[str, nn.Module] = {}
+    for site in sites.values():
+        g = built[site.name]
         if ref is not None:
             g.to(ref.device)
+        host = model.get_submodule(site.host)
         setattr(host, GATE_ATTR, g)
-        g.producer_name, g.host_name = name, host_name
-        fn = GATED_FORWARDS.get(type(host))
+        g.producer_name, g.host_name = site.name, site.host
+        fn = GATED_FORWARDS.get(type(host)) if fused else None
         if fn is not None and "forward" not in host.__dict__:
             host.forward = GatedForward(host, fn)
         else:
             host.register_forward_hook(apply_gate)
-        gates[name] = g
-    if not gates:
-        what = ", ".join(s.__name__ if isinstance(s, type) else repr(s) for s in layers)
-        raise AttachError(
-            f"attach matched no layer of {type(model).__name__} for layers=({what})"
-            + (" after exclusions" if exclude else "")
-            + ("; the only match is the output layer (pass include_output=True to gate it)"
-               if output_name and _matches(output_name, model.get_submodule(output_name), layers) else "")
-        )
+        gates[site.name] = g
     return gates
 
 
@@ -260,7 +311,7 @@ def widths(model: nn.Module) -> dict[str, tuple[int, int]]:
 def detach(model: nn.Module) -> nn.Module:
     """Remove every gate and its hook or gated forward (in place), leaving the model as it was."""
     for module in model.modules():
-        if isinstance(getattr(module, GATE_ATTR, None), DAMGate):
+        if isinstance(getattr(module, GATE_ATTR, None), nn.Module):
             delattr(module, GATE_ATTR)
             if isinstance(module.__dict__.get("forward"), GatedForward):
                 del module.forward

@@ -24,13 +24,12 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from torchdam.data.mnist import ImageArrays, _read_only
+from torchdam.data.paths import DATA_DIR_ENV, cache_dir, data_dir
 from torchdam.errors import DataError
 
 DISPLAY_NAME = "CIFAR-10 (JPEG copy)"
 ZIP_NAME = "cifar10/cifar10-jpeg.zip"
 ZIP_SHA256 = "f7625fc6a42ead0a462a6e36eb4b53cc89da86f36a0e011313c8c9a582622870"
-DATA_DIR_ENV = "TORCHDAM_DATA_DIR"
-CACHE_DIR_ENV = "TORCHDAM_CACHE_DIR"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of this JPEG copy's training images, measured on all 50,000
 # (README; canonical CIFAR-10: mean 0.4914/0.4822/0.4465, std 0.2470/0.2435/0.2616).
@@ -39,24 +38,6 @@ STD = (0.2452, 0.2428, 0.2606)
 # The zip is sorted by class and file name; this fixed seed gives every run the same order.
 SHUFFLE_SEED = 0
 _KEYS = ("train_images", "train_labels", "test_images", "test_labels")
-
-
-def data_dir(root: str | os.PathLike | None = None) -> Path:
-    """The shared data folder: ``root``, else $TORCHDAM_DATA_DIR, else ``<repo>/../shared/data``."""
-    if root is not None:
-        return Path(root)
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV])
-    repo = Path(__file__).resolve().parents[3]  # src/torchdam/data/cifar10.py -> repo root
-    return repo.parent / "shared" / "data"
-
-
-def cache_dir() -> Path:
-    """$TORCHDAM_CACHE_DIR, else ``$XDG_CACHE_HOME/torchdam``, else ``~/.cache/torchdam``."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "torchdam"
 
 
 def sha256_of(path: Path) -> str:

@@ -1,0 +1,34 @@
+"""Structured-pruning baselines, run on the same trainer, models, data and counting as DAM.
+
+Every method is ``run(setup, strength, **options) -> Result`` and ends in a physically
+smaller model (built by :func:`torchdam.compact` from the method's per-unit decision) that
+is measured with :func:`torchdam.count`::
+
+    setup = Setup("lenet300", load_dataset("mnist"), TrainConfig(epochs=15), finetune_epochs=5)
+    for method in BASELINES.names():
+        result = BASELINES.get(method)(setup, strength=...)
+
+| method | strength | stages |
+|---|---|---|
+| ``dense`` | ignored | train |
+| ``dam`` | lambda | train with gates, compact |
+| ``l0`` | lambda per expected active unit | train with hard-concrete gates, compact |
+| ``slimming`` | global channel ratio removed | train with L1 on BN scales, prune, fine-tune |
+| ``magnitude`` | per-layer unit ratio removed | train dense, prune by L1 norm, fine-tune |
+| ``chipnet`` | global unit ratio removed (budget) | train dense, learn soft masks to the budget, threshold, fine-tune |
+"""
+from __future__ import annotations
+
+from baselines import chipnet, dam, dense, l0, magnitude, slimming
+from baselines.common import NotApplicableError, Result, Setup, Trained
+from torchdam.registry import Registry
+
+BASELINES: Registry[Result] = Registry("method")
+BASELINES.register("dense")(dense.run)
+BASELINES.register("dam")(dam.run)
+BASELINES.register("l0")(l0.run)
+BASELINES.register("slimming")(slimming.run)
+BASELINES.register("magnitude")(magnitude.run)
+BASELINES.register("chipnet")(chipnet.run)
+
+__all__ = ["BASELINES", "NotApplicableError", "Result", "Setup", "Trained"]

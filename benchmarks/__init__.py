@@ -1,0 +1,1 @@
+"""The lab's benchmarks: ``python -m benchmarks.<name>`` from a checkout's root (not installed)."""

@@ -1,0 +1,136 @@
+"""``torchdam`` command line: thin, it parses options and calls the library.
+
+Every error torchdam raises on purpose (:class:`torchdam.errors.TorchDAMError`) becomes
+one line on stderr and exit code 2; so does a bad option (typer/click's own usage error).
+Ctrl-C is exit code 130 (128 + SIGINT, the shell's convention), after `prune` has saved a
+checkpoint that `--resume` continues from.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from torchdam.errors import TorchDAMError
+
+INTERRUPTED = ("torchdam: interrupted; everything written so far is kept "
+               "(`torchdam prune ... --resume OUT` continues a training run)")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DiscriminAtive Masking: learn a compact width in one training run, then ship it.")
+
+
+@app.command()
+def prune(
+    model: str = typer.Option("lenet300", help="zoo model: see `torchdam models`"),
+    data: str = typer.Option("mnist", help="dataset: mnist, fashion_mnist"),
+    lam: float = typer.Option(0.15, help="penalty weight lambda (>= 0)"),
+    epochs: int = typer.Option(15, help="training epochs (single stage, no fine-tuning)"),
+    lr: float = typer.Option(0.05, help="learning rate of the weights"),
+    beta_lr: float = typer.Option(0.002, help="learning rate of the gates' betas (sets pruning speed)"),
+    optimizer: str = typer.Option("sgd", help="sgd or adam"),
+    momentum: float = typer.Option(0.9),
+    weight_decay: float = typer.Option(0.0, help="weight decay of the weights (never of beta)"),
+    batch_size: int = typer.Option(128),
+    schedule: str = typer.Option("cosine", help="cosine, step or none"),
+    milestones: List[int] = typer.Option([], help="epochs of x0.1 lr drops for --schedule step"),
+    cold_start: int = typer.Option(0, help="epochs with beta frozen"),
+    gate: str = typer.Option("relu_tanh", help="relu_tanh, linear or piecewise_linear"),
+    layers: List[str] = typer.Option(["linear", "conv"], help="layer types (linear, conv) or name globs to gate"),
+    exclude: List[str] = typer.Option([], help="layer names/globs not to gate"),
+    min_width: int = typer.Option(1, help="units kept in a layer whose units all died"),
+    checkpoint: str = typer.Option("last", help="ship the 'last' epoch or the 'best' validation epoch"),
+    seed: int = typer.Option(0),
+    limit: Optional[int] = typer.Option(None, help="use only this many training images (smoke runs)"),
+    latency_repeats: int = typer.Option(30, help="timed forwards per latency median"),
+    out: Path = typer.Option(Path("runs/prune"), help="output folder"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+    checkpoint_every: int = typer.Option(0, help="also checkpoint every N steps (0: at each epoch's end only)"),
+    resume: Optional[Path] = typer.Option(
+        None, help="continue the killed or interrupted run in this folder (its outputs go there too)"),
+) -> None:
+    """Train with DAM gates, compact, and report accuracy, widths, params, FLOPs, latency.
+
+    Under `torchrun --nproc_per_node N` it trains with DDP (--batch-size per process) and
+    rank 0 alone writes and prints."""
+    from torchdam.cli.prune import PruneJob, run
+    from torchdam.cli.report import format_report
+    from torchdam.train import TrainConfig
+
+    job = PruneJob(
+        model=model, data=data, gate=gate, layers=tuple(layers), exclude=tuple(exclude), limit=limit,
+        min_width=min_width, checkpoint=checkpoint, latency_repeats=latency_repeats,
+        out_dir=resume or out, resume=resume is not None,
+        train=TrainConfig(
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, beta_lr=beta_lr, lam=lam, cold_start=cold_start,
+            schedule=schedule, milestones=tuple(milestones), seed=seed, progress=progress,
+            checkpoint_every=checkpoint_every),
+    )
+    try:
+        report = run(job)
+    except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+        typer.echo(INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
+    if report is None:  # a DDP rank other than 0
+        return
+    typer.echo(format_report(report))
+    typer.echo(f"wrote {job.out_dir}/: report.md, report.json, log.jsonl, widths.png, history.png, compacted/")
+
+
+@app.command()
+def models() -> None:
+    """List the zoo models."""
+    from torchdam.models import MODELS
+
+    typer.echo("\n".join(MODELS.names()))
+
+
+@app.command()
+def evaluate(
+    path: Path = typer.Argument(..., help="a folder written by `torchdam prune` (its compacted/ subfolder)"),
+    data: str = typer.Option("mnist"),
+) -> None:
+    """Reload a compacted model with torchdam.load and report its test accuracy."""
+    from torch.utils.data import DataLoader
+
+    from torchdam.data import load_dataset
+    from torchdam.serialize import load
+    from torchdam.train import TrainConfig, Trainer
+
+    model = load(path)
+    splits = load_dataset(data)
+    trainer = Trainer(model, TrainConfig(progress=False))
+    result = trainer.evaluate(DataLoader(splits.test, batch_size=1000))
+    typer.echo(f"{path}: test accuracy {100 * result['acc']:.2f}% on {data}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors -> one line on stderr, exit code 2."""
+    try:  # typer >= 0.2x vendors click; older typer uses click itself
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        # `torchdam` with no command: show the help, as git/pip do
+        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(0)
+    except UsageError as exc:  # bad option or value: one line, not click's usage box
+        typer.echo(f"torchdam: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo(INTERRUPTED, err=True)
+        sys.exit(130)
+    except TorchDAMError as exc:
+        typer.echo(f"torchdam: error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

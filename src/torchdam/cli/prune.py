@@ -1,0 +1,150 @@
+"""The main job: train a zoo model with DAM gates, compact it, and measure both.
+
+This is what ``torchdam prune`` runs; the CLI only parses options and prints. Every
+number in the returned report is measured here, on the model that actually runs.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from torchdam import distributed, serialize
+from torchdam.attach import attach, warn_dead_layers, widths
+from torchdam.compact import compact
+from torchdam.count import profile
+from torchdam.data import DATASETS, load_dataset
+from torchdam.errors import CheckpointError, ConfigError, TorchDAMError
+from torchdam.models import MODELS, build_model
+from torchdam.train import CHECKPOINT_DIR, TrainConfig, Trainer
+
+LAYER_TYPES: dict[str, type] = {"linear": nn.Linear, "conv": nn.Conv2d}
+
+
+@dataclass
+class PruneJob:
+    """What to prune and how; ``train`` holds every optimisation option."""
+
+    model: str = "lenet300"
+    data: str = "mnist"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: str = "relu_tanh"
+    layers: tuple[str, ...] = ("linear", "conv")
+    exclude: tuple[str, ...] = ()
+    val_size: int = 5000
+    limit: int | None = None
+    min_width: int = 1
+    latency_repeats: int = 30
+    # "last": ship the final epoch. DAM narrows the model while it trains, so the best
+    # validation accuracy tends to fall on an early, wider epoch; "best" ships that one.
+    checkpoint: str = "last"
+    out_dir: Path = Path("runs/prune")
+    #: Continue the killed or interrupted run whose output folder is ``out_dir``.
+    resume: bool = False
+
+    def validate(self) -> None:
+        """Fail on a bad name before any data is read or any epoch is spent."""
+        MODELS.get(self.model)
+        DATASETS.get(self.data)
+        if self.checkpoint not in ("last", "best"):
+            raise ConfigError(f"checkpoint must be 'last' or 'best', got {self.checkpoint!r}")
+        unknown = [t for t in self.layers if t not in LAYER_TYPES and not any(c in t for c in ".*?[")]
+        if unknown:
+            raise ConfigError(f"unknown layer selector(s) {unknown}: use {', '.join(LAYER_TYPES)} or module-name globs")
+        if self.resume and not (Path(self.out_dir) / CHECKPOINT_DIR).is_dir():
+            raise CheckpointError(f"{Path(self.out_dir) / CHECKPOINT_DIR}: nothing to resume; "
+                                  "pass the output folder of an earlier run")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any epoch is spent if the results could not be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output folder {out} is not writable ({err.strerror or err}); "
+                          "choose another --out") from None
+
+
+def _selectors(names: tuple[str, ...]) -> tuple:
+    return tuple(LAYER_TYPES.get(n, n) for n in names)
+
+
+def run(job: PruneJob) -> dict | None:
+    """Train single-stage, compact, evaluate and measure; writes everything to ``out_dir``.
+
+    Returns the report dict (also written as ``report.json``).
+    Under torchrun every rank trains its shard (``batch_size`` is per rank) and only rank
+    0 compacts, measures and writes; the other ranks return ``None``."""
+    job.validate()
+    out = Path(job.out_dir)
+    if distributed.is_main_process():
+        _check_writable(out)
+    device = distributed.init_from_env()
+    torch.manual_seed(job.train.seed)
+    splits = load_dataset(job.data, val_size=job.val_size, seed=job.train.seed, limit=job.limit)
+    channels, size = splits.input_shape[0], splits.input_shape[-1]
+    model = build_model(job.model, in_channels=channels, num_classes=splits.num_classes, image_size=size)
+    attach(model, layers=_selectors(job.layers), exclude=_selectors(job.exclude), gate=job.gate)
+    shard = distributed.sampler(splits.train, shuffle=True, seed=job.train.seed)
+    train = DataLoader(splits.train, batch_size=job.train.batch_size, sampler=shard, shuffle=shard is None)
+    trainer = Trainer(model, job.train, out_dir=out, device=device)
+    trainer.fit(train, DataLoader(splits.val, batch_size=1000), resume=out if job.resume else None)
+    main, world_size = distributed.is_main_process(), distributed.world_size()
+    distributed.shutdown()  # compaction and measurement run on rank 0 alone
+    if not main:
+        return None
+    if job.checkpoint == "best":
+        trainer.restore_best()
+    model.to("cpu")
+    evaluator = Trainer(model, job.train)
+    loader = lambda ds: DataLoader(ds, batch_size=1000)
+    warn_dead_layers(model)
+
+    test = loader(splits.test)
+    sample = splits.test.tensors[0][:1]
+    small = compact(model, splits.val.tensors[0][:8], min_width=job.min_width)
+    gated_eval, small_eval = evaluator.evaluate(test), evaluator.evaluate(test, model=small)
+    if gated_eval["acc"] != small_eval["acc"]:
+        raise TorchDAMError(f"compacted accuracy {small_eval['acc']} differs from gated {gated_eval['acc']}")
+    before = profile(model, sample, repeats=job.latency_repeats)
+    after = profile(small, sample, repeats=job.latency_repeats)
+    layer_widths = widths(model)
+    report = {
+        "model": job.model,
+        "data": job.data,
+        "epochs": job.train.epochs,
+        "checkpoint": job.checkpoint,
+        "best_epoch": trainer.best_epoch,
+        "best_val_acc": trainer.best_val_acc,
+        "final_val_acc": trainer.records[-1].get("val_acc"),
+        "test_acc_gated": gated_eval["acc"],
+        "test_acc_compacted": small_eval["acc"],
+        "widths": {k: list(v) for k, v in layer_widths.items()},
+        "units_kept": sum(a for a, _ in layer_widths.values()),
+        "units_total": sum(t for _, t in layer_widths.values()),
+        "before": before,
+        "after": after,
+        "config": {**asdict(job.train), "gate": job.gate, "model": job.model, "data": job.data},
+        "train_seconds": sum(r["seconds"] for r in trainer.records),
+        "world_size": world_size,
+    }
+    # the gated model that was compacted, so its predictions can be checked against the reload
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / "gated.safetensors"))
+    serialize.save(small, out / "compacted", metadata={
+        "model": job.model, "data": job.data, "widths": report["widths"],
+        "input_shape": list(sample.shape), "test_acc": small_eval["acc"]})
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    from torchdam.cli import report as report_module  # matplotlib is only needed here
+
+    report_module.plot_widths(layer_widths, out / "widths.png")
+    report_module.plot_history(trainer.records, out / "history.png")
+    (out / "report.md").write_text(report_module.format_report(report))
+    return report

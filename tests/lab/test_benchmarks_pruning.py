@@ -1,0 +1,123 @@
+"""The pruning benchmark's quick mode, end to end on real MNIST (benchmarks/pruning.py)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+@pytest.fixture(scope="module")
+def pruning():
+    from benchmarks import pruning as module
+
+    return module
+
+
+@pytest.mark.slow
+def test_quick_lenet300_writes_every_output(pruning, tmp_path):
+    assert pruning.main(["lenet300-mnist", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["quick"] and data["meta"]["config"]["epochs"] == 1
+    runs = {r["method"]: r for r in data["runs"]}
+    assert set(runs) == {"dense", "dam", "l0", "magnitude", "slimming", "chipnet"}
+    assert "BatchNorm" in runs["slimming"]["not_applicable"]  # LeNet-300-100 has none
+    dense = runs["dense"]
+    for method in ("dense", "dam", "l0", "magnitude"):
+        r = runs[method]
+        assert 0 <= r["test_acc"] <= 1
+        assert r["params"] <= dense["params"] and r["flops"] <= dense["flops"]
+        assert r["speedup_b1"] > 0 and r["speedup_b64"] > 0
+        assert r["speedup_over_flops_b64"] == pytest.approx(r["speedup_b64"] / r["flops_ratio"])
+        assert r["seconds_total"] > 0
+    # magnitude prunes half of each layer and fine-tunes: two stages of one epoch
+    assert runs["magnitude"]["units_kept"] == 200 and runs["magnitude"]["epochs_total"] == 2
+    table = (tmp_path / "results.md").read_text()
+    assert "| magnitude | 0.5 |" in table and "| slimming | 0.5 | n/a |" in table
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_paper_study_is_the_published_recipe(pruning):
+    study = pruning.STUDIES["preresnet164-cifar10-paper"]
+    c = study.config
+    assert (study.model, study.data, study.augment, study.val_size) == ("preresnet164", "cifar10", True, 5000)
+    assert (c.epochs, c.lr, c.momentum, c.batch_size, c.weight_decay, c.beta_weight_decay) == (200, 0.05, 0.9, 128, 1e-3, 0.0)
+    assert (c.schedule, c.milestones, c.gamma, c.cold_start) == ("step", (100, 150), 0.1, 20)
+    assert study.strengths == {"dam": (0.2,)}
+
+
+def test_markdown_reports_mean_and_std_over_seeds(pruning):
+    rows = [{"method": "dam", "strength": 0.15, "test_acc": a, "seed": s} for s, a in enumerate((0.9, 0.8))]
+    table = pruning.markdown({"study": "s", "model": "m", "data": "d", "config": {
+        "epochs": 1, "optimizer": "sgd", "lr": 0.1, "schedule": "none", "batch_size": 1, "weight_decay": 0,
+        "beta_lr": None}, "finetune_epochs": 0, "train_images": 1, "seeds": 2, "quick": False}, rows)
+    assert "85.00 +- 7.07" in table
+
+
+def _results(folder, rows, epochs=1, command="run"):
+    folder.mkdir()
+    meta = {"study": "s", "model": "m", "data": "d", "config": {
+        "epochs": epochs, "optimizer": "sgd", "lr": 0.1, "schedule": "none", "batch_size": 1, "weight_decay": 0,
+        "beta_lr": None}, "finetune_epochs": 0, "train_images": 1, "seeds": 1, "quick": False, "command": command}
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}))
+    return folder
+
+
+def test_merge_adds_a_later_method_and_refuses_other_recipes(pruning, tmp_path):
+    row = lambda method, strength, acc: {"method": method, "strength": strength, "seed": 0, "test_acc": acc,
+                                          "flops": 10, "params": 10}
+    a = _results(tmp_path / "a", [row("dense", 0, 0.9), row("dam", 0.15, 0.8)], command="first")
+    b = _results(tmp_path / "b", [row("dense", 0, 0.9), row("chipnet", 0.5, 0.7)], command="second")
+    assert pruning.main(["lenet300-mnist", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [r["method"] for r in merged["runs"]] == ["dense", "dam", "chipnet"]  # one dense row, METHODS order
+    assert merged["meta"]["command"] == "first ; second"
+    assert "| chipnet | 0.5 |" in (tmp_path / "m" / "results.md").read_text()
+    newer = _results(tmp_path / "newer", [row("dam", 0.5, 0.6)], command="newer")
+    assert pruning.main(["lenet300-mnist", "--merge", str(newer), f"{a}:dense", str(b), "--out",
+                         str(tmp_path / "m2")]) == 0
+    merged = json.loads((tmp_path / "m2" / "results.json").read_text())
+    assert [(r["method"], r["strength"]) for r in merged["runs"]] == [("dense", 0), ("dam", 0.5), ("chipnet", 0.5)]
+    c = _results(tmp_path / "c", [row("l0", 0.01, 0.5)], epochs=2)
+    with pytest.raises(SystemExit, match="config differs"):
+        pruning.main(["lenet300-mnist", "--merge", str(a), str(c), "--out", str(tmp_path / "n")])
+
+
+def test_slimming_trains_its_sparsity_stage_once_per_seed(pruning, monkeypatch):
+    """The sparsity stage does not depend on the ratio: every ratio of one seed prunes it."""
+    calls, pruned = [], []
+    monkeypatch.setattr(pruning.slimming, "train", lambda setup: calls.append(setup.config.seed) or f"stage{len(calls)}")
+    monkeypatch.setattr(pruning.BASELINES, "get", lambda name: lambda setup, s, pretrained=None: pruned.append(
+        (s, pretrained)))
+    plan = pruning.method_jobs(pruning.STUDIES["resnet20-cifar10"], ("slimming",), quick=False)
+    setup = lambda seed: type("S", (), {"config": type("C", (), {"seed": seed})()})()
+    for seed in (0, 1):
+        for _, strength, runner in plan.jobs:
+            runner(setup(seed), strength, None)
+    assert calls == [0, 1]
+    assert [p for _, p in pruned] == ["stage1"] * 3 + ["stage2"] * 3
+
+
+def test_l0_gate_lr_of_the_study_reaches_every_l0_run(pruning, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pruning.BASELINES, "get", lambda name: lambda setup, s, **kw: seen.append((s, kw)))
+    study = dataclasses.replace(pruning.STUDIES["lenet300-mnist"], l0_gate_lr=0.7)
+    for _, strength, runner in pruning.method_jobs(study, ("l0",), quick=False).jobs:
+        runner(None, strength, None)
+    assert seen == [(s, {"gate_lr": 0.7}) for s in study.strengths["l0"]]
+
+
+@pytest.mark.slow
+def test_a_later_seed_runs_alone_and_merges_into_mean_and_std(pruning, tmp_path):
+    out = tmp_path / "seed1"
+    assert pruning.main(["lenet300-mnist", "--quick", "--no-progress", "--first-seed", "1", "--methods", "dam",
+                         "--out", str(out)]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["seed"] == 1 and run["method"] == "dam"
+    row = lambda seed, acc: {"method": "dam", "strength": run["strength"], "seed": seed, "test_acc": acc,
+                             "flops": 10, "params": 10}
+    seed0 = _results(tmp_path / "seed0", [row(0, 0.9)])
+    seed1 = _results(tmp_path / "s1", [row(1, 0.8)])
+    assert pruning.main(["lenet300-mnist", "--merge", str(seed0), str(seed1), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["meta"]["seeds"] == 2 and len(merged["runs"]) == 2
+    assert "85.00 +- 7.07" in (tmp_path / "m" / "results.md").read_text()

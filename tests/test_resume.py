@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchdam
-import torchdam.train as train_module
+import torchdam.train.loop as train_module
 from torchdam.checkpoint import LAST, PREV, load_checkpoint
 from torchdam.cli import main
 from torchdam.errors import CheckpointError, ConfigError

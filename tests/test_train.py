@@ -194,7 +194,7 @@ def test_autoencoder_with_mse_has_no_accuracy():
 def test_progress_bar_shows_loss_acc_and_width(monkeypatch):
     import io
 
-    import torchdam.train as train_module
+    import torchdam.train.loop as train_module
 
     stream = io.StringIO()
     real_tqdm = train_module.tqdm

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchdam
-import torchdam.train as train_module
+import torchdam.train.loop as train_module
 from torchdam import distributed
 
 CONFIG = dict(epochs=3, batch_size=16, lr=0.05, lam=0.5, beta_lr=0.05, cold_start=1,

@@ -1,4 +1,4 @@
-"""One single-stage trainer for every DAM experiment and every dense baseline.
+"""The single-stage training loop for every DAM experiment and every dense baseline.
 
 DAM trains weights and gates jointly (PAPER.md section 2): the loss is the task loss plus
 ``penalty(model, lam)``, the betas sit in their own parameter group (own learning rate,
@@ -24,14 +24,12 @@ killed run so that it ends exactly as an uninterrupted one (see ``docs/RELIABILI
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -45,105 +43,15 @@ from torchdam import distributed
 from torchdam.attach import gate_parameters, named_gates, penalty
 from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from torchdam.train.config import RESUMABLE_CHANGES, TrainConfig, lr_factor
+from torchdam.train.log import RunLog
+from torchdam.train.policy import build_optimizer
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "step", "none")
-LOG_FORMATS = ("jsonl", "csv")
-BETA_GROUP = "dam_beta"
 #: The progress bar's postfix needs a host sync; refresh it only this often.
 POSTFIX_EVERY = 20
 BEST_FILE = "best.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FORMAT = "torchdam-train"
-#: Options that may change between a run and its resume without changing its result.
-RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "log_format"})
-
-
-@dataclass
-class TrainConfig:
-    """Options of :class:`Trainer`. Epochs in ``milestones`` and ``cold_start`` count from
-    0 (like ``torch.optim.lr_scheduler.MultiStepLR``): ``cold_start=20`` freezes beta for
-    epochs 1..20 as logged; ``milestones=(100,)`` lowers the lr from logged epoch 101."""
-
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    beta_lr: float | None = None
-    # Decay on beta would cap how far the penalty can push it (PAPER.md section 2).
-    beta_weight_decay: float = 0.0
-    lam: float = 0.5
-    cold_start: int = 0
-    schedule: str = "cosine"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    seed: int = 0
-    progress: bool = True
-    log_format: str = "jsonl"
-    #: Also checkpoint every this many optimizer steps (0: only at each epoch's end).
-    checkpoint_every: int = 0
-
-    def __post_init__(self) -> None:
-        self.milestones = tuple(int(m) for m in self.milestones)
-        for key in ("epochs", "batch_size", "cold_start", "seed", "checkpoint_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{key} must be a whole number, got {value!r}")
-        for key in ("lr", "beta_lr", "momentum", "weight_decay", "beta_weight_decay", "lam", "gamma"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.beta_lr is None or self.beta_lr >= 0, f"beta_lr must be >= 0, got {self.beta_lr}"),
-            (self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.beta_weight_decay >= 0, f"beta_weight_decay must be >= 0, got {self.beta_weight_decay}"),
-            (self.lam >= 0, f"lam (lambda) must be >= 0, got {self.lam}"),
-            (0 <= self.cold_start <= self.epochs,
-             f"cold_start must be between 0 and epochs={self.epochs}, got {self.cold_start}"),
-            (self.optimizer in OPTIMIZERS,
-             f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"),
-            (self.schedule in SCHEDULES,
-             f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"),
-            (self.log_format in LOG_FORMATS,
-             f"unknown log_format {self.log_format!r}; choose one of: {', '.join(LOG_FORMATS)}"),
-            (self.gamma > 0, f"gamma must be > 0, got {self.gamma}"),
-            (all(m >= 0 for m in self.milestones), f"milestones must be >= 0, got {self.milestones}"),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer with group 0 ``"weights"`` (``weight_decay``) and, when the model has
-    gates, group 1 ``"dam_beta"`` (``beta_lr``, ``beta_weight_decay``)."""
-    betas = gate_parameters(model)
-    beta_ids = {id(b) for b in betas}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in beta_ids]
-    groups = [{"params": weights, "name": "weights", "weight_decay": config.weight_decay}]
-    if betas:
-        beta_lr = config.lr if config.beta_lr is None else config.beta_lr
-        groups.append({"params": betas, "name": BETA_GROUP, "lr": beta_lr,
-                       "weight_decay": config.beta_weight_decay})
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.Adam(groups, lr=config.lr)
-
-
-def lr_factor(config: TrainConfig, epoch: int) -> float:
-    """Multiplier of the base learning rate during 0-based ``epoch``."""
-    if config.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
-    if config.schedule == "step":
-        return config.gamma ** sum(epoch >= m for m in config.milestones)
-    return 1.0
 
 
 def _split_batch(batch) -> tuple[Tensor, Tensor]:
@@ -549,47 +457,12 @@ class Trainer:
         self.records = list(state["records"])
         set_rng_state(state["rng"])
 
-    def _open_log(self) -> _Log | None:
+    def _open_log(self) -> RunLog | None:
         if not self._writes:
             return None
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            return _Log(self.out_dir / f"log.{self.config.log_format}", self.config.log_format, self.records)
+            return RunLog(self.out_dir / f"log.{self.config.log_format}", self.config.log_format, self.records)
         except OSError as err:
             raise CheckpointError(f"{self.out_dir}: cannot write the training log ({err.strerror or err}); "
                                   "choose a writable --out folder") from None
-
-
-class _Log:
-    """Per-epoch log, flushed after every line so an interrupted run keeps what it has
-    done. A resumed run rewrites it from the checkpoint's records (atomically), so it
-    holds each epoch exactly once."""
-
-    def __init__(self, path: Path, fmt: str, records: list[dict] = ()) -> None:
-        self.path = path
-        self.fmt = fmt
-        self.writer: csv.DictWriter | None = None
-        tmp = path.with_name(f".{path.name}.tmp")
-        self.file = open(tmp, "w", newline="")
-        try:
-            for record in records:
-                self.write(record)
-            os.fsync(self.file.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            self.file.close()
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def write(self, record: dict) -> None:
-        if self.fmt == "jsonl":
-            self.file.write(json.dumps(record) + "\n")
-        else:
-            if self.writer is None:
-                self.writer = csv.DictWriter(self.file, fieldnames=list(record))
-                self.writer.writeheader()
-            self.writer.writerow({k: "" if v is None else v for k, v in record.items()})
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchdam as dam
+from torchdam.atomic import write_atomic
 from torchdam.count import OnnxModel, count
 from torchdam.models import build_model
 
@@ -294,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["failed_checks"] = failed_checks(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "perf.json").write_text(json.dumps(results, indent=1))
-    (args.out / "perf.md").write_text(markdown(results))
+    write_atomic(args.out / "perf.json", json.dumps(results, indent=1), "the results")
+    write_atomic(args.out / "perf.md", markdown(results), "the results")
     print(markdown(results))
     if results["failed_checks"]:
         print("FAILED: " + ", ".join(results["failed_checks"]), file=sys.stderr)

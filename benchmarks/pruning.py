@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from torchdam.atomic import write_atomic
 from torchdam.attach import attach, widths
 from baselines import BASELINES, NotApplicableError, Result, Setup
 from baselines import dam as dam_baseline
@@ -326,8 +327,8 @@ def _write(out: Path, name: str, study: Study, setup: Setup, rows: list[dict], s
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, default=str))
-    (out / "results.md").write_text(markdown(meta, rows))
+    write_atomic(out / "results.json", json.dumps({"meta": meta, "runs": rows}, indent=1, default=str), "the results")
+    write_atomic(out / "results.md", markdown(meta, rows), "the results")
     pareto_plot(rows, out / "pareto.png", f"{meta['study']} ({meta['data']}, {meta['config']['epochs']} epochs)")
 
 

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 matplotlib.use("Agg")  # no screen here, and plots go to files
 import matplotlib.pyplot as plt  # noqa: E402,F401  (re-exported for the experiment modules)
 
+from torchdam.atomic import write_atomic  # noqa: E402
+
 
 def seed_list(seeds: int | None, default: int, quick: bool) -> list[int]:
     """Seeds 0..n-1: one in quick mode unless asked otherwise, else ``seeds`` or the protocol's."""
@@ -83,12 +85,12 @@ def components_for(variances: Tensor, fraction: float) -> int:
 def write_results(out_dir: Path, results: dict, markdown: str) -> dict:
     """``results.json`` (everything measured) and ``results.md`` (the tables) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out_dir / "results.md").write_text(markdown.rstrip() + "\n")
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n", "the results")
+    write_atomic(out_dir / "results.md", markdown.rstrip() + "\n", "the results")
     return results
 
 
 def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"), "a plot")
     plt.close(fig)

@@ -27,15 +27,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from torchdam.atomic import write_atomic  # noqa: E402
 from torchdam.attach import penalty  # noqa: E402
 from reproduce.data.planetoid import PlanetoidGraph, load_planetoid  # noqa: E402
 from torchdam.errors import DataError  # noqa: E402
 from reproduce import EXPERIMENTS  # noqa: E402
+from reproduce.common import mean_std  # noqa: E402
 from torchdam.gates import DAMGate  # noqa: E402
 from torchdam.train import TrainConfig, build_optimizer  # noqa: E402
 
@@ -199,7 +200,8 @@ ENCODERS = {"GAE": (run_gae, "gae_dim", ("auc", "ap")), "DGI": (run_dgi, "dgi_di
 
 
 def _mean_std(values: list[float], fmt: str = "{:.4f}") -> str:
-    return f"{fmt.format(np.mean(values))} +- {fmt.format(np.std(values))}"
+    mean, std = mean_std(values)
+    return "-" if mean is None else f"{fmt.format(mean)} +- {fmt.format(std)}"
 
 
 def _markdown(results: dict) -> str:
@@ -274,6 +276,6 @@ def run(out_dir: Path, quick: bool = False, seeds: int | None = None) -> dict:
         results["datasets"][name] = entry
     results["seconds"] = time.perf_counter() - start
     results["plots"] = _plot(out_dir, results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "results.md").write_text(_markdown(results))
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=1), "the results")
+    write_atomic(out_dir / "results.md", _markdown(results), "the results")
     return results

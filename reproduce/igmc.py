@@ -30,9 +30,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from torchdam.atomic import write_atomic  # noqa: E402
 from torchdam.attach import attach, penalty, widths  # noqa: E402
 from reproduce.data.ratings import RatingData, load_ratings  # noqa: E402
 from reproduce import EXPERIMENTS  # noqa: E402
+from reproduce.common import mean_std  # noqa: E402
 from reproduce.igmc_model import IGMC  # noqa: E402
 from reproduce.igmc_subgraphs import SubgraphSet, cached_extract  # noqa: E402
 from torchdam.train import TrainConfig, build_optimizer, lr_factor  # noqa: E402
@@ -166,7 +168,8 @@ def train_igmc(train: SubgraphSet, test: SubgraphSet, num_relations: int, dam: b
 
 
 def _mean_std(values: list[float], fmt: str = "{:.4f}") -> str:
-    return f"{fmt.format(np.mean(values))} +- {fmt.format(np.std(values))}" if values else "-"
+    mean, std = mean_std(values)
+    return "-" if mean is None else f"{fmt.format(mean)} +- {fmt.format(std)}"
 
 
 def _plots(out_dir: Path, results: dict) -> list[str]:
@@ -248,7 +251,7 @@ def run(out_dir: Path, quick: bool = False, seeds: int | None = None, protocol: 
                 for m in ("IGMC", "IGMC-DAM")}
         summary = {m: {"rmse": _mean_std([r["rmse_ensemble"] for r in rs]),
                        "rmse_mean": float(np.mean([r["rmse_ensemble"] for r in rs])),
-                       "rmse_std": float(np.std([r["rmse_ensemble"] for r in rs])),
+                       "rmse_std": mean_std([r["rmse_ensemble"] for r in rs])[1],
                        "rmse_last_epoch": _mean_std([r["rmse_last"] for r in rs]),
                        "width": _mean_std([r["width"] for r in rs], "{:.1f}")} for m, rs in runs.items()}
         results["datasets"][name] = {"lambda": dcfg.lambdas[name], "rating_levels": len(data.rating_values),
@@ -263,5 +266,5 @@ def run(out_dir: Path, quick: bool = False, seeds: int | None = None, protocol: 
 
 def _write(out_dir: Path, results: dict) -> None:
     results["plots"] = _plots(out_dir, results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "results.md").write_text(_markdown(results))
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=1), "the results")
+    write_atomic(out_dir / "results.md", _markdown(results), "the results")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchdam.atomic import fsync_dir
 from torchdam.errors import CheckpointError, DiskFullError
 
 __all__ = ["LAST", "PREV", "find_checkpoints", "get_rng_state", "load_checkpoint", "load_latest",
@@ -42,20 +43,6 @@ PREV = "ckpt-prev.pt"
 MAGIC = b"TORCHDAM-CKPT"
 VERSION = 1
 _HEADER_MAX = 128
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The renames are durable only once the directory entry is on disk too.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems cannot open a directory; the rename still happened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_payload(file, payload: bytes) -> None:
@@ -88,7 +75,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
             os.replace(last, prev)
         os.replace(tmp, last)
         tmp = None
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise DiskFullError(f"{last}: disk full while writing the checkpoint; free space and "

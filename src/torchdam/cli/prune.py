@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchdam import distributed, serialize
+from torchdam.atomic import write_atomic
 from torchdam.attach import attach, warn_dead_layers, widths
 from torchdam.compact import compact
 from torchdam.count import profile
@@ -137,14 +138,15 @@ def run(job: PruneJob) -> dict | None:
         "world_size": world_size,
     }
     # the gated model that was compacted, so its predictions can be checked against the reload
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / "gated.safetensors"))
+    gated_state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    write_atomic(out / "gated.safetensors", lambda tmp: save_file(gated_state, str(tmp)), "the gated model")
     serialize.save(small, out / "compacted", metadata={
         "model": job.model, "data": job.data, "widths": report["widths"],
         "input_shape": list(sample.shape), "test_acc": small_eval["acc"]})
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_atomic(out / "report.json", json.dumps(report, indent=1, default=str), "the report")
     from torchdam.cli import report as report_module  # matplotlib is only needed here
 
     report_module.plot_widths(layer_widths, out / "widths.png")
     report_module.plot_history(trainer.records, out / "history.png")
-    (out / "report.md").write_text(report_module.format_report(report))
+    write_atomic(out / "report.md", report_module.format_report(report), "the report")
     return report

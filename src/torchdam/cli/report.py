@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")  # no screen here, and plots go to files
 import matplotlib.pyplot as plt  # noqa: E402
 
+from torchdam.atomic import write_atomic  # noqa: E402
+
 
 def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x" if after else "n/a"
@@ -49,7 +51,7 @@ def plot_widths(widths: dict[str, tuple[int, int]], path: Path) -> None:
     ax.tick_params(axis="x", rotation=60 if len(names) > 6 else 0)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "a plot")
     plt.close(fig)
 
 
@@ -66,5 +68,5 @@ def plot_history(records: list[dict], path: Path) -> None:
     if len(gates) <= 10:
         ax_width.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "a plot")
     plt.close(fig)

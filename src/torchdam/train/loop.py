@@ -25,7 +25,6 @@ killed run so that it ends exactly as an uninterrupted one (see ``docs/RELIABILI
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 import time
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from torchdam import distributed
+from torchdam.atomic import write_atomic
 from torchdam.attach import gate_parameters, named_gates, penalty
 from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
@@ -367,14 +367,8 @@ class Trainer:
             return
         self._best_state = None
         self.best_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.best_path.with_suffix(".tmp")
-        try:
-            save_file(state, str(tmp), metadata={"epoch": str(epoch)})
-            os.replace(tmp, self.best_path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{self.best_path}: cannot write the best checkpoint "
-                                  f"({err.strerror or err})") from None
+        write_atomic(self.best_path, lambda tmp: save_file(state, str(tmp), metadata={"epoch": str(epoch)}),
+                     "the best checkpoint")
 
     def restore_best(self) -> nn.Module:
         """Load the best-validation weights back into the model and return it."""

@@ -220,8 +220,8 @@ def count(model: nn.Module, example_inputs) -> dict[str, int]:
     of every gate, time step, layer and direction; and norms per element: 5 for LayerNorm,
     GroupNorm, InstanceNorm, 3 for ``nn.RMSNorm``, each plus 1 per affine weight and 1 per bias,
     and 2 for an eval BatchNorm. Elementwise ops (activations, softmax, residual adds, biases,
-    hand-written norms) are not counted. A gated model is counted at full width: its gates
-    skip nothing. Params exclude DAM gates' betas (one scalar per gated layer, training-only
+    hand-written norms such as HF Llama's RMSNorm) are not counted. A gated model is counted
+    at full width: its gates skip nothing. Params exclude DAM gates' betas (one scalar per gated layer, training-only
     state).
 
     Example:

@@ -1,4 +1,4 @@
-"""Dimensionality reduction on synthetic data (PAPER.md section 3.1).
+"""Dimensionality reduction on synthetic data (docs/METHOD.md section 3.1).
 
 Data of known intrinsic dimension k is pushed into d=100 dimensions by a random map
 (linear, a random ELU MLP, or a random quadratic layer); an autoencoder with a DAM gate on
@@ -61,7 +61,7 @@ def _autoencoder(encoder: nn.Sequential, decoder: nn.Module) -> nn.Sequential:
 
 @dataclass(frozen=True)
 class Case:
-    """One synthetic setup of PAPER.md 3.1."""
+    """One synthetic setup of docs/METHOD.md section 3.1."""
 
     k: int
     steps: int
@@ -90,7 +90,7 @@ CASES: dict[str, Case] = {
         model=lambda: _autoencoder(_mlp([D, 256, 256, BOTTLENECK], nn.LeakyReLU), Quadratic(BOTTLENECK, D)),
     ),
 }
-PAPER_N = 5000  #: training points per seed in PAPER.md 3.1
+PAPER_N = 5000  #: training points per seed in docs/METHOD.md section 3.1
 N_TEST = 1000  #: held-out points from the same map, for a test reconstruction error
 #: Our default run (docs/reproduction/dimensionality-reduction.md): the linear case exactly
 #: as the paper; the nonlinear cases (10000 / 5000 full-batch steps through 256-wide MLPs)
@@ -180,7 +180,7 @@ def _markdown(runs: list[dict], summary: dict, quick: bool) -> str:
             fmt([r["relative_test_mse"] for r in case_runs], 2, "e"),
             ", ".join(str(r["pca_elbow"]) for r in case_runs), ", ".join(str(r["pca_99"]) for r in case_runs),
         ])
-    head = "## Dimensionality reduction (synthetic, PAPER.md 3.1)" + (" -- QUICK smoke run, not a result" if quick else "")
+    head = "## Dimensionality reduction (synthetic, docs/METHOD.md section 3.1)" + (" -- QUICK smoke run, not a result" if quick else "")
     ns = ", ".join(f"{name} {s['n_train']}" for name, s in summary.items())
     return "\n".join([
         head, "",

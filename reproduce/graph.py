@@ -1,4 +1,4 @@
-"""``python -m reproduce graph-representation``: DAM on graph embeddings (PAPER.md 3.4).
+"""``python -m reproduce graph-representation``: DAM on graph embeddings (docs/METHOD.md section 3.4).
 
 The paper names the experiment but published no setup; ours (stated in results.md):
 

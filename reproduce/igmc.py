@@ -1,4 +1,4 @@
-"""``python -m reproduce recommendation``: IGMC-DAM vs IGMC (PAPER.md 3.3).
+"""``python -m reproduce recommendation``: IGMC-DAM vs IGMC (docs/METHOD.md section 3.3).
 
 Datasets: Douban, Flixster, YahooMusic (Monti et al. splits) and MovieLens-100K split u1.
 Protocol (:data:`PROTOCOL`, the paper's): Adam 1e-3, batch 50, 100 epochs, lr x0.1 at

@@ -1,4 +1,4 @@
-"""IGMC (Zhang & Chen, ICLR 2020) and IGMC-DAM (PAPER.md 3.3).
+"""IGMC (Zhang & Chen, ICLR 2020) and IGMC-DAM (docs/METHOD.md section 3.3).
 
 Four relational graph convolutions (32 units, tanh) over a batch of enclosing subgraphs;
 the target user's and item's states of all layers are concatenated (2 x 128 = 256) ->

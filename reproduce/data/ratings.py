@@ -1,4 +1,4 @@
-"""Rating matrices for matrix completion (IGMC, PAPER.md 3.3), read offline.
+"""Rating matrices for matrix completion (IGMC, docs/METHOD.md section 3.3), read offline.
 
 - Douban, Flixster, YahooMusic: the Monti et al. (NeurIPS 2017) 3000 x 3000 splits,
   ``<root>/<name>/training_test_dataset.mat`` (MATLAB v7.3 = HDF5, read with h5py). Keys

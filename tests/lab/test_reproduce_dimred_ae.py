@@ -1,5 +1,5 @@
 """The dimensionality-reduction and autoencoder reproductions (quick mode through the CLI),
-the L1 baseline as PAPER.md 3.2 defines it, and our gate against the official DAM layer."""
+the L1 baseline as docs/METHOD.md section 3.2 defines it, and our gate against the official DAM layer."""
 import json
 
 import pytest
@@ -48,7 +48,7 @@ def test_autoencoder_quick(tmp_path, name):
 
 
 def test_l1_baseline_mask_and_penalty_follow_the_paper():
-    """Mask relu(s), penalty mean|relu(s)| (PAPER.md 3.2), s starts at 1."""
+    """Mask relu(s), penalty mean|relu(s)| (docs/METHOD.md section 3.2), s starts at 1."""
     gate = L1Scale(5, lr_scale=4.0)
     assert torch.equal(gate.scale, torch.ones(5)) and gate.active() == 5
     s = torch.tensor([1.5, -0.5, 0.0, 0.25, -2.0])

@@ -21,7 +21,6 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-pytestmark = pytest.mark.fast
 VOCAB = 100
 
 

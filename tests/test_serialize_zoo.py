@@ -15,7 +15,6 @@ import torchdam as dam
 from torchdam.errors import CheckpointError, ConfigError
 from torchdam.serialize import ARCH_FILE, FUNCTIONS, load, register_function, register_module, save
 
-pytestmark = pytest.mark.fast
 
 
 def _outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:

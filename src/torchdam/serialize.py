@@ -40,9 +40,7 @@ import functools
 import importlib
 import inspect
 import json
-import os
 import re
-import tempfile
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from torchdam.atomic import write_atomic
 from torchdam.errors import CheckpointError, ConfigError
 
 __all__ = ["ARCH_FILE", "FUNCTIONS", "METHODS", "RULES", "WEIGHTS_FILE", "Rule", "load", "load_metadata",
@@ -458,19 +457,6 @@ def _describe(module: nn.Module, path: str, seen: dict[int, str], nonpersistent:
             "buffers": buffers, "children": children}
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
     """Write ``model`` to directory ``path`` (created if needed) and return that directory.
 
@@ -504,8 +490,8 @@ def save(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Pa
         # clone: safetensors refuses tensors that share storage (tied weights, views)
         tensors[key] = t.detach().cpu().contiguous().clone()
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
-    _write_atomic(directory / ARCH_FILE, arch.encode())
+    write_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors), "the model's weights")
+    write_atomic(directory / ARCH_FILE, arch, "the model's architecture")
     return directory
 
 

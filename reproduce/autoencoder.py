@@ -20,6 +20,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -452,7 +453,7 @@ class _Lock:
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / ".lock"
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> Self:
         self.file = open(self.path, "w")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)

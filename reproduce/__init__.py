@@ -2,14 +2,16 @@
 from a checkout's root (this folder is not installed with the library).
 
 Each experiment is one module that registers a function
-``run(out_dir: Path, quick: bool, seeds: int | None) -> dict`` in :data:`EXPERIMENTS`;
-it writes ``results.json``, ``results.md`` and its plots to ``out_dir`` and returns the
-results. ``quick`` is a seconds-long smoke version (used by the tests); the full version is
+``run(out_dir: Path, quick: bool, seeds: int | None, **own_options) -> dict`` in
+:data:`EXPERIMENTS`; it writes ``results.json``, ``results.md`` and its plots to ``out_dir``
+and returns the results. Own options so far: the autoencoders' ``protocol`` (``--protocol``)
+and ``report_only`` (``--report-only``). ``quick`` is a seconds-long smoke version (used by the tests); the full version is
 what REPRODUCTION.md reports.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +48,16 @@ def _import(name: str) -> None:
                           f"pip install -e '.[{EXTRAS[top]}]'") from None
 
 
-def run_experiment(name: str, out_dir: Path, quick: bool = False, seeds: int | None = None) -> dict:
+def run_experiment(name: str, out_dir: Path, quick: bool = False, seeds: int | None = None, **options) -> dict:
+    """Run experiment ``name``. ``options`` are the experiment's own keywords (e.g. the
+    autoencoders' ``protocol`` and ``report_only``); one set to anything but ``None``/``False``
+    that the experiment does not take is a :class:`ConfigError`."""
     _import(name)
-    return EXPERIMENTS.get(name)(out_dir=Path(out_dir), quick=quick, seeds=seeds)
+    experiment = EXPERIMENTS.get(name)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    accepted = inspect.signature(experiment).parameters
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ConfigError(f"experiment {name!r} has no option {flags}")
+    return experiment(out_dir=Path(out_dir), quick=quick, seeds=seeds, **given)

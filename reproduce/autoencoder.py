@@ -10,10 +10,17 @@ same width is the classical reference.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
+import json
+import os
+import shutil
+import time
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -27,7 +34,10 @@ from reproduce import EXPERIMENTS
 from reproduce.common import (
     mean_std, pca, plt, progress, save_figure, seed_list, table, write_results,
 )
+from torchdam.checkpoint import find_checkpoints
+from torchdam.errors import ConfigError
 from torchdam.train import Trainer, TrainConfig
+from torchdam.train.loop import CHECKPOINT_DIR
 
 BOTTLENECK = 50
 GATED = "encoder.last"
@@ -154,15 +164,30 @@ class Protocol:
     @property
     def gate_lr_scale(self) -> float:
         """Gate parameters (beta, s) learn PAPER_EPOCHS/epochs times faster than the weights,
-        so their largest possible travel over the run (Adam: ~lr per step) is the paper's."""
+        so their largest possible travel over the run (Adam: ~lr per step) is the paper's.
+        1 for the paper's own 100 epochs."""
         return PAPER_EPOCHS / self.epochs
 
+    def identity(self) -> dict:
+        """What must match for runs to be pooled in one sweep folder (everything but ``runs``)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "runs"}
 
-#: What our full run does (2 shared CPU cores): see docs/reproduction/mnist-autoencoder.md.
-FULL = Protocol(epochs=6, runs=2, lambdas=PAPER_LAMBDAS, classifier_epochs=5,
-                pca_f1_widths=(2, 4, 8, 16, 32))
+
+#: The paper's protocol (PAPER.md 3.2): 100 epochs, 5 runs, gate lr x1. ~2.5 min per run on
+#: one CPU thread; see docs/reproduction/mnist-autoencoder.md "Paper protocol".
+PAPER = Protocol(epochs=PAPER_EPOCHS, runs=5, lambdas=PAPER_LAMBDAS, classifier_epochs=5,
+                 pca_f1_widths=(2, 4, 8, 16, 32))
+#: What our first reduced run did (2 shared CPU cores): 6 epochs, 2 runs, gate lr x16.7.
+SHORT = replace(PAPER, epochs=6, runs=2)
 QUICK = Protocol(epochs=2, runs=1, lambdas=(0.1, 5.0), classifier_epochs=2, pca_f1_widths=(4,),
                  limit=2000, test_limit=1000)
+#: ``--protocol`` choices; "short" is the default, "quick" what ``--quick`` selects.
+PROTOCOLS = {"short": SHORT, "paper": PAPER, "quick": QUICK}
+DEFAULT_PROTOCOL = "short"
+RUNS_FILE = "runs.jsonl"
+SWEEP_FILE = "sweep.json"
+PCA_FILE = "pca.json"
+TRAIN_DIR = "train"  #: per-run Trainer folders (epoch log, checkpoints while the run trains)
 
 
 def load_images(data: str, protocol: Protocol) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -175,7 +200,20 @@ def load_images(data: str, protocol: Protocol) -> tuple[Tensor, Tensor, Tensor, 
             *prep(a["test_images"], a["test_labels"], protocol.test_limit))
 
 
-def train_one(method: str, lam: float, seed: int, protocol: Protocol, data: tuple[Tensor, ...]) -> dict:
+def run_key(method: str, lam: float, seed: int) -> tuple[str, float, int]:
+    return method, float(lam), int(seed)
+
+
+def run_name(method: str, lam: float, seed: int) -> str:
+    return f"{method}-lam{lam:g}-seed{seed}"
+
+
+def train_one(method: str, lam: float, seed: int, protocol: Protocol, data: tuple[Tensor, ...],
+              run_dir: Path | None = None) -> dict:
+    """One training run and its measurements. With ``run_dir``, the Trainer checkpoints
+    every epoch there and a run killed part-way continues from its last finished epoch
+    (ending exactly as an uninterrupted run would)."""
+    start = time.perf_counter()
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(seed)
     model = build_autoencoder(method, protocol.gate_lr_scale)
@@ -188,11 +226,16 @@ def train_one(method: str, lam: float, seed: int, protocol: Protocol, data: tupl
     config = TrainConfig(epochs=protocol.epochs, batch_size=512, optimizer="adam", lr=1e-3, beta_lr=beta_lr,
                          lam=config_lam, schedule="none", seed=seed, progress=False)
     loader = DataLoader(TensorDataset(train_x, train_x), batch_size=512, shuffle=True)
-    Trainer(model, config, loss_fn=loss_fn).fit(loader)
+    resume = run_dir if run_dir is not None and find_checkpoints(Path(run_dir) / CHECKPOINT_DIR) else None
+    trainer = Trainer(model, config, loss_fn=loss_fn, out_dir=run_dir)
+    trainer.fit(loader, resume=resume)
     width = bottleneck_width(model)
     f1 = classifier_f1(codes(model, train_x), train_y, codes(model, test_x), test_y, protocol.classifier_epochs, seed)
+    gate = model.scale.scale.tolist() if method == "l1" else model.encoder.last.dam_gate.beta.item()
     return {"method": method, "lambda": lam, "seed": seed, "width": width,
-            "test_mse": reconstruction_mse(model, test_x), "macro_f1": f1}
+            "test_mse": reconstruction_mse(model, test_x), "macro_f1": f1,
+            "gate": gate, "epochs": protocol.epochs, "resumed": resume is not None,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def pca_reference(data: tuple[Tensor, ...], protocol: Protocol, seed: int = 0) -> dict:
@@ -213,10 +256,16 @@ def pca_reference(data: tuple[Tensor, ...], protocol: Protocol, seed: int = 0) -
     return {"test_mse": mse, "macro_f1": f1}
 
 
-def _per_lambda(runs: list[dict]) -> list[dict]:
+def _lambdas(runs: list[dict], protocol: Protocol) -> list[float]:
+    """The sweep's lambdas that have at least one run, in the protocol's order."""
+    done = {r["lambda"] for r in runs}
+    return [lam for lam in protocol.lambdas if lam in done] + sorted(done - set(protocol.lambdas))
+
+
+def _per_lambda(runs: list[dict], lambdas: list[float]) -> list[dict]:
     rows = []
     for method in METHODS:
-        for lam in dict.fromkeys(r["lambda"] for r in runs):
+        for lam in lambdas:
             rs = [r for r in runs if r["method"] == method and r["lambda"] == lam]
             rows.append({"method": method, "lambda": lam, "runs": len(rs),
                          "width": mean_std(r["width"] for r in rs),
@@ -241,17 +290,23 @@ def _equal_width(runs: list[dict], pca_ref: dict) -> list[dict]:
     return rows
 
 
-def _smaller_width_verdict(per_lambda: list[dict]) -> dict:
-    by = {(r["method"], r["lambda"]): r["width"][0] for r in per_lambda}
-    lambdas = list(dict.fromkeys(r["lambda"] for r in per_lambda))
+def _smaller_width_verdict(per_lambda: list[dict], protocol: Protocol) -> dict:
+    """DAM's vs L1's mean width at every lambda where both have runs (a partial sweep
+    compares what it has and names the lambdas still missing)."""
+    by = {(r["method"], r["lambda"]): r["width"][0] for r in per_lambda if r["runs"]}
+    lambdas = [lam for lam in dict.fromkeys(r["lambda"] for r in per_lambda)
+               if all((m, lam) in by for m in METHODS)]
+    missing = [lam for lam in protocol.lambdas if lam not in lambdas]
     smaller = [lam for lam in lambdas if by[("dam", lam)] < by[("l1", lam)]]
     # A dead bottleneck is "smaller" but useless; say where that is what made DAM smaller.
     dead = [lam for lam in lambdas if by[("dam", lam)] == 0]
-    return {"lambdas": lambdas, "dam_smaller_at": smaller, "dam_dead_at": dead,
-            "confirmed": len(smaller) == len(lambdas),
-            "summary": f"DAM's mean width is smaller than L1's at {len(smaller)} of {len(lambdas)} lambdas "
-                       f"({', '.join(f'{lam:g}' for lam in smaller) or 'none'}); DAM's bottleneck died in every "
-                       f"run at {', '.join(f'{lam:g}' for lam in dead) or 'no lambda'}"}
+    summary = (f"DAM's mean width is smaller than L1's at {len(smaller)} of {len(lambdas)} lambdas "
+               f"({', '.join(f'{lam:g}' for lam in smaller) or 'none'}); DAM's bottleneck died in every "
+               f"run at {', '.join(f'{lam:g}' for lam in dead) or 'no lambda'}")
+    if missing:
+        summary += f"; not yet run for both methods: lambda {', '.join(f'{lam:g}' for lam in missing)}"
+    return {"lambdas": lambdas, "missing": missing, "dam_smaller_at": smaller, "dam_dead_at": dead,
+            "confirmed": bool(lambdas) and not missing and len(smaller) == len(lambdas), "summary": summary}
 
 
 def _plots(runs: list[dict], per_lambda: list[dict], pca_ref: dict, title: str, out_dir: Path) -> None:
@@ -259,7 +314,7 @@ def _plots(runs: list[dict], per_lambda: list[dict], pca_ref: dict, title: str, 
     labels = {"dam": "DAM", "l1": "L1 scale"}
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in METHODS:
-        rows = [r for r in per_lambda if r["method"] == method]
+        rows = [r for r in per_lambda if r["method"] == method and r["runs"]]
         ax.errorbar([r["lambda"] for r in rows], [r["width"][0] for r in rows], yerr=[r["width"][1] for r in rows],
                     marker="o", capsize=3, color=colors[method], label=labels[method])
     ax.set(xscale="log", xlabel="lambda", ylabel="bottleneck width (mean +- std)", title=f"{title}: width vs lambda")
@@ -282,24 +337,32 @@ def _cell(ms: tuple, digits: int) -> str:
     return "-" if ms[0] is None else f"{ms[0]:.{digits}f} +- {ms[1]:.{digits}f}"
 
 
-def _markdown(title: str, protocol: Protocol, runs: list[dict], per_lambda: list[dict], equal: list[dict],
-              verdict: dict, quick: bool) -> str:
+def _markdown(title: str, protocol_name: str, protocol: Protocol, runs: list[dict], per_lambda: list[dict],
+              equal: list[dict], verdict: dict, expected: int) -> str:
     lambdas = list(dict.fromkeys(r["lambda"] for r in per_lambda))
     by = {(r["method"], r["lambda"]): r for r in per_lambda}
-    rows = [[lam] + [_cell(by[(m, lam)][key], d) for key, d in (("width", 1), ("test_mse", 4), ("macro_f1", 3))
-                     for m in METHODS] for lam in lambdas]
+    rows = [[lam] + [by[(m, lam)]["runs"] for m in METHODS]
+            + [_cell(by[(m, lam)][key], d) for key, d in (("width", 1), ("test_mse", 4), ("macro_f1", 3))
+               for m in METHODS] for lam in lambdas]
     eq_rows = [[row["width"]] + [row[m]["runs"] for m in METHODS]
                + [_cell(row[m]["test_mse"], 4) for m in METHODS] + [_cell(row[m]["macro_f1"], 3) for m in METHODS]
                + [f"{row['pca']['test_mse']:.4f}", "-" if row["pca"]["macro_f1"] is None else f"{row['pca']['macro_f1']:.3f}"]
                for row in equal]
     dead = {m: sum(r["width"] == 0 for r in runs if r["method"] == m) for m in METHODS}
-    head = f"## {title} autoencoder: DAM vs L1 scale (PAPER.md 3.2)" + (" -- QUICK smoke run, not a result" if quick else "")
+    head = f"## {title} autoencoder: DAM vs L1 scale (PAPER.md 3.2)" + (
+        " -- QUICK smoke run, not a result" if protocol_name == "quick" else "")
+    seeds = sorted({r["seed"] for r in runs})
+    status = (f"**Partial: {len(runs)} of {expected} runs done** (seeds {', '.join(map(str, seeds))}); "
+              "the counts per cell are in the table." if len(runs) < expected
+              else f"Complete: {len(runs)} runs.")
     return "\n".join([
         head, "",
-        f"{protocol.epochs} epochs, {protocol.runs} run(s) per (method, lambda), Adam lr 1e-3 (gate parameters "
-        f"x{protocol.gate_lr_scale:g}), batch 512; mean +- sample std over runs.", "",
+        f"Protocol {protocol_name!r}: {protocol.epochs} epochs, up to {protocol.runs} run(s) per (method, lambda), "
+        f"Adam lr 1e-3 (gate parameters x{protocol.gate_lr_scale:g}), batch 512; mean +- sample std over runs. "
+        + status, "",
         "### Per lambda", "",
-        table(["lambda", "width DAM", "width L1", "test MSE DAM", "test MSE L1", "macro-F1 DAM", "macro-F1 L1"], rows),
+        table(["lambda", "runs DAM", "runs L1", "width DAM", "width L1", "test MSE DAM", "test MSE L1",
+               "macro-F1 DAM", "macro-F1 L1"], rows),
         "", "### At equal width (runs grouped by the width they learned)", "",
         table(["width", "DAM runs", "L1 runs", "test MSE DAM", "test MSE L1", "macro-F1 DAM", "macro-F1 L1",
                "PCA test MSE", "PCA macro-F1"], eq_rows),
@@ -309,28 +372,173 @@ def _markdown(title: str, protocol: Protocol, runs: list[dict], per_lambda: list
     ])
 
 
-def run_autoencoder(data: str, out_dir: Path, quick: bool = False, seeds: int | None = None) -> dict:
-    """The lambda sweep for both gates on ``data`` ("mnist" or "fashion-mnist")."""
+# ---------------------------------------------------------------- the resumable sweep
+
+def read_runs(out_dir: Path) -> list[dict]:
+    """The finished runs recorded in ``out_dir/runs.jsonl`` (one JSON object a line). A line
+    cut short by a kill is skipped with a warning (that run is simply trained again); a
+    later duplicate of a run replaces the earlier one."""
+    path = Path(out_dir) / RUNS_FILE
+    if not path.is_file():
+        return []
+    runs: dict[tuple, dict] = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            run = json.loads(line)
+            key = run_key(run["method"], run["lambda"], run["seed"])
+        except (ValueError, KeyError, TypeError):
+            warnings.warn(f"{path}: line {n} is not a complete run record (a write cut short?); skipped",
+                          stacklevel=2)
+            continue
+        runs[key] = run
+    return list(runs.values())
+
+
+def append_run(out_dir: Path, run: dict) -> None:
+    """Append one run to ``runs.jsonl``, flushed and fsync'ed before returning. A last line
+    without its newline is a write a kill cut short: it is dropped first (only one process
+    writes, under the sweep's lock)."""
+    path = Path(out_dir) / RUNS_FILE
+    with open(path, "a+b") as f:
+        f.seek(0)
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            f.truncate(content.rfind(b"\n") + 1)
+        f.write((json.dumps(run) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_sweep(out_dir: Path, identity: dict) -> None:
+    """``sweep.json`` names the data and protocol of the runs in ``out_dir``; runs of another
+    sweep are never pooled with them."""
+    path = out_dir / SWEEP_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != identity:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}"
+                              for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k))
+            raise ConfigError(f"{out_dir} holds runs of another sweep ({diffs}); "
+                              "choose another --out or the same --protocol")
+    else:
+        if (out_dir / RUNS_FILE).is_file():
+            raise ConfigError(f"{out_dir / RUNS_FILE} exists without {SWEEP_FILE}: cannot tell which sweep it is")
+        _write_json(path, identity)
+
+
+def _pca_cached(out_dir: Path, arrays: tuple[Tensor, ...], protocol: Protocol, identity: dict) -> dict:
+    """PCA reference, computed once per sweep folder (``pca.json``): its classifier F1s cost
+    a few minutes of the full data."""
+    path = out_dir / PCA_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("sweep") == identity:
+            return {key: {int(w): v for w, v in saved[key].items()} for key in ("test_mse", "macro_f1")}
+    ref = pca_reference(arrays, protocol)
+    _write_json(path, {"sweep": identity, **ref})
+    return ref
+
+
+class _Lock:
+    """One process trains a sweep folder at a time (a second would train the same runs)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / ".lock"
+
+    def __enter__(self) -> Self:
+        self.file = open(self.path, "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ConfigError(f"{self.path.parent}: another process is training this sweep; "
+                              "use --report-only to write up its runs so far") from None
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def sweep_jobs(protocol: Protocol, seeds: list[int]) -> list[tuple[str, float, int]]:
+    """Seed-major: every lambda of seed 0 (both methods) first, then seed 1, ... so a sweep
+    stopped early has complete lambda sweeps for its first seeds."""
+    return [(m, lam, s) for s in seeds for lam in protocol.lambdas for m in METHODS]
+
+
+def run_autoencoder(data: str, out_dir: Path, quick: bool = False, seeds: int | None = None,
+                    protocol: str | None = None, report_only: bool = False) -> dict:
+    """The lambda sweep for both gates on ``data`` ("mnist" or "fashion-mnist").
+
+    Every finished (method, lambda, seed) run is appended to ``out_dir/runs.jsonl``; started
+    again, the sweep trains only the runs missing there (and a run killed part-way continues
+    from its last epoch's checkpoint under ``out_dir/train/``). The tables, plots and
+    ``results.json`` are built from ``runs.jsonl`` at the end, or at any time with
+    ``report_only`` (nothing is trained then)."""
     out_dir = Path(out_dir)
+    name = protocol or ("quick" if quick else DEFAULT_PROTOCOL)
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r} for {data}-autoencoder; choose one of: {', '.join(PROTOCOLS)}")
+    if quick and name != "quick":
+        raise ConfigError(f"--quick is the protocol 'quick'; it cannot be combined with --protocol {name}")
+    chosen = PROTOCOLS[name]
+    seed_ids = seed_list(seeds, chosen.runs, name == "quick")
+    chosen = replace(chosen, runs=len(seed_ids))
+    identity = {"experiment": f"{data}-autoencoder", "data": data, "protocol": name, **chosen.identity()}
+    if report_only and not (out_dir / RUNS_FILE).is_file():
+        raise ConfigError(f"{out_dir / RUNS_FILE}: no runs to report yet")
     out_dir.mkdir(parents=True, exist_ok=True)
-    protocol = QUICK if quick else FULL
-    seed_ids = seed_list(seeds, protocol.runs, quick)
-    protocol = replace(protocol, runs=len(seed_ids))
-    arrays = load_images(data, protocol)
-    jobs = [(m, lam, s) for lam in protocol.lambdas for m in METHODS for s in seed_ids]
-    runs = [train_one(m, lam, s, protocol, arrays) for m, lam, s in progress(jobs, f"{data}-autoencoder")]
-    pca_ref = pca_reference(arrays, protocol)
-    per_lambda = _per_lambda(runs)
+    _check_sweep(out_dir, identity)
+    arrays = load_images(data, chosen)
+    if not report_only:
+        with _Lock(out_dir):
+            done = {run_key(r["method"], r["lambda"], r["seed"]) for r in read_runs(out_dir)}
+            jobs = [job for job in sweep_jobs(chosen, seed_ids) if run_key(*job) not in done]
+            total = len(sweep_jobs(chosen, seed_ids))
+            for n, (m, lam, s) in enumerate(progress(jobs, f"{data}-autoencoder"), start=total - len(jobs) + 1):
+                run_dir = out_dir / TRAIN_DIR / run_name(m, lam, s)
+                run = train_one(m, lam, s, chosen, arrays, run_dir=run_dir)
+                append_run(out_dir, run)
+                shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # keep the epoch log only
+                print(f"[{n}/{total}] {data} {run_name(m, lam, s)}: width {run['width']}, test MSE "
+                      f"{run['test_mse']:.4f}, macro-F1 {run['macro_f1']}, {run.get('seconds', '?')} s", flush=True)
+    return report(data, out_dir, name, chosen, arrays, identity,
+                  expected=len(sweep_jobs(chosen, seed_ids)))
+
+
+def report(data: str, out_dir: Path, protocol_name: str, protocol: Protocol, arrays: tuple[Tensor, ...],
+           identity: dict, expected: int) -> dict:
+    """Tables, plots and results.json from the runs in ``runs.jsonl`` (all or some of them)."""
+    lambdas = list(protocol.lambdas)
+    runs = sorted(read_runs(out_dir), key=lambda r: (  # the sweep's own (seed-major) order
+        r["seed"], lambdas.index(r["lambda"]) if r["lambda"] in lambdas else len(lambdas), r["lambda"],
+        METHODS.index(r["method"])))
+    if not runs:
+        raise ConfigError(f"{out_dir / RUNS_FILE}: no runs to report yet")
+    pca_ref = _pca_cached(out_dir, arrays, protocol, identity)
+    per_lambda = _per_lambda(runs, _lambdas(runs, protocol))
     equal = _equal_width(runs, pca_ref)
-    verdict = _smaller_width_verdict(per_lambda)
+    verdict = _smaller_width_verdict(per_lambda, protocol)
     title = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}[data]
     _plots(runs, per_lambda, pca_ref, title, out_dir)
-    results = {"experiment": f"{data}-autoencoder", "data": data, "quick": quick,
+    results = {"experiment": f"{data}-autoencoder", "data": data, "quick": protocol_name == "quick",
+               "protocol_name": protocol_name,
                "protocol": {**protocol.__dict__, "gate_lr_scale": protocol.gate_lr_scale,
                             "n_train": len(arrays[0]), "n_test": len(arrays[2])},
+               "complete": len(runs) >= expected, "runs_done": len(runs), "runs_expected": expected,
                "per_lambda": per_lambda, "equal_width": equal, "smaller_width_at_equal_lambda": verdict,
                "pca": pca_ref, "runs": runs}
-    return write_results(out_dir, results, _markdown(title, protocol, runs, per_lambda, equal, verdict, quick))
+    return write_results(out_dir, results, _markdown(title, protocol_name, protocol, runs, per_lambda, equal,
+                                                     verdict, expected))
 
 
 EXPERIMENTS.register("mnist-autoencoder")(functools.partial(run_autoencoder, "mnist"))

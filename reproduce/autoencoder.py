@@ -1,4 +1,4 @@
-"""The paper's MNIST autoencoder (PAPER.md section 3.2), and the same on Fashion-MNIST.
+"""The paper's MNIST autoencoder (docs/METHOD.md section 3.2), and the same on Fashion-MNIST.
 
 Encoder 784-128-64-32-50, a gate on the 50-unit bottleneck, decoder 50-32-64-128-784
 (tanh out), inputs in [-1, 1], Adam, batch 512, MSE. Two gates are compared over a
@@ -173,7 +173,7 @@ class Protocol:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "runs"}
 
 
-#: The paper's protocol (PAPER.md 3.2): 100 epochs, 5 runs, gate lr x1. ~2.5 min per run on
+#: The paper's protocol (docs/METHOD.md section 3.2): 100 epochs, 5 runs, gate lr x1. ~2.5 min per run on
 #: one CPU thread; see docs/reproduction/mnist-autoencoder.md "Paper protocol".
 PAPER = Protocol(epochs=PAPER_EPOCHS, runs=5, lambdas=PAPER_LAMBDAS, classifier_epochs=5,
                  pca_f1_widths=(2, 4, 8, 16, 32))
@@ -349,7 +349,7 @@ def _markdown(title: str, protocol_name: str, protocol: Protocol, runs: list[dic
                + [f"{row['pca']['test_mse']:.4f}", "-" if row["pca"]["macro_f1"] is None else f"{row['pca']['macro_f1']:.3f}"]
                for row in equal]
     dead = {m: sum(r["width"] == 0 for r in runs if r["method"] == m) for m in METHODS}
-    head = f"## {title} autoencoder: DAM vs L1 scale (PAPER.md 3.2)" + (
+    head = f"## {title} autoencoder: DAM vs L1 scale (docs/METHOD.md section 3.2)" + (
         " -- QUICK smoke run, not a result" if protocol_name == "quick" else "")
     seeds = sorted({r["seed"] for r in runs})
     status = (f"**Partial: {len(runs)} of {expected} runs done** (seeds {', '.join(map(str, seeds))}); "

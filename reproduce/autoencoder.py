@@ -173,8 +173,8 @@ class Protocol:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "runs"}
 
 
-#: The paper's protocol (docs/METHOD.md section 3.2): 100 epochs, 5 runs, gate lr x1. ~2.5 min per run on
-#: one CPU thread; see docs/reproduction/mnist-autoencoder.md "Paper protocol".
+#: The paper's protocol (docs/METHOD.md section 3.2): 100 epochs, 5 runs, gate lr x1; its cost is
+#: in docs/reproduction/mnist-autoencoder.md "Paper protocol".
 PAPER = Protocol(epochs=PAPER_EPOCHS, runs=5, lambdas=PAPER_LAMBDAS, classifier_epochs=5,
                  pca_f1_widths=(2, 4, 8, 16, 32))
 #: What our first reduced run did (2 shared CPU cores): 6 epochs, 2 runs, gate lr x16.7.

@@ -75,7 +75,7 @@ from baselines.common import (Result, Setup, Trained, keep_top, finetune, finish
                                        place, test_accuracy, widths_of)
 from torchdam.compact import compact
 from torchdam.errors import ConfigError, ShapeError
-from torchdam.train import Trainer
+from torchdam.train import Group, Trainer, param_groups
 
 LR, WEIGHT_DECAY = 1e-3, 1e-3
 BUDGET_WEIGHT, CRISPNESS_WEIGHT = 30.0, 10.0
@@ -211,12 +211,9 @@ def prune_stage(model: nn.Module, masks: list[ChipNetMask], setup: Setup, target
     def official_optimizer(trainer: Trainer) -> None:
         # The Trainer's optimizers are SGD/Adam over one decayed group; ChipNet's is AdamW with
         # psi undecayed (decay would pull z~ back to 0.5), so it replaces the Trainer's own.
-        psi = {id(m.psi) for m in masks}
-        weights = [p for p in model.parameters() if p.requires_grad and id(p) not in psi]
+        psi = Group([m.psi for m in masks], lr=lr * psi_lr_scale(steps), weight_decay=0.0)
         trainer.optimizer = torch.optim.AdamW(
-            [{"params": weights, "name": "weights", "weight_decay": weight_decay},
-             {"params": [m.psi for m in masks], "name": "chipnet_psi", "weight_decay": 0.0,
-              "lr": lr * psi_lr_scale(steps)}], lr=lr)
+            param_groups(model, {"chipnet_psi": psi}, weight_decay=weight_decay), lr=lr)
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
 
     return fit(model, config, setup, extra_penalty=objective, adjust=official_optimizer), objective

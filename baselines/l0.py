@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from baselines.common import Result, Setup, finish, fit, freeze_gates, place, test_accuracy, widths_of
 from torchdam.compact import compact
 from torchdam.errors import ConfigError, ShapeError
-from torchdam.train import Trainer, lr_factor
+from torchdam.train import Group, Trainer, lr_factor, param_groups
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 EPS = 1e-6
@@ -115,13 +115,10 @@ def _own_gate_group(trainer: Trainer, model: nn.Module, gate_lr: float) -> None:
     """Rebuild the trainer's optimizer (same class and settings) with every ``log_alpha``
     in its own group (``gate_lr``, no weight decay), scheduled like the weights."""
     gates = [g.log_alpha for g in gates_of(model).values()]
-    ids = {id(p) for p in gates}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     old = trainer.optimizer
-    decay = old.param_groups[0]["weight_decay"]
-    trainer.optimizer = type(old)([{"params": weights, "name": "weights", "weight_decay": decay},
-                                   {"params": gates, "name": "l0_log_alpha", "weight_decay": 0.0, "lr": gate_lr}],
-                                  **old.defaults)
+    groups = param_groups(model, {"l0_log_alpha": Group(gates, lr=gate_lr, weight_decay=0.0)},
+                          weight_decay=old.param_groups[0]["weight_decay"])
+    trainer.optimizer = type(old)(groups, **old.defaults)
     config = trainer.config
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda e: lr_factor(config, e))
 

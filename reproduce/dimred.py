@@ -115,7 +115,7 @@ def run_case(name: str, case: Case, seed: int, n: int, steps: int) -> dict:
     torch.manual_seed(seed + 1000)  # model init independent of the data draw
     model = case.model()
     attach(model, layers=(GATED,), beta_init=case.beta_init)
-    config = TrainConfig(epochs=steps, batch_size=n, optimizer="adam", lr=case.lr,
+    config = TrainConfig(epochs=steps, batch_size=n, optimizer="adam", lr=case.lr, beta_lr=None,  # beta at lr
                          weight_decay=case.weight_decay, lam=case.lam, schedule="none",
                          seed=seed, progress=False)
     trainer = Trainer(model, config, loss_fn=F.mse_loss)

@@ -12,8 +12,8 @@ The paper names the experiment but published no setup; ours (stated in results.m
 
 Each encoder is trained with DAM, without DAM at full width, and without DAM at the width
 DAM found (per seed). The gate is one :class:`~torchdam.gates.DAMGate` on the embedding;
-its beta has its own Adam learning rate and no weight decay (:func:`build_optimizer`), the
-loss adds :func:`torchdam.penalty`. PubMed is not available offline and is reported as not
+its beta has its own Adam learning rate and no weight decay (:func:`torchdam.dam_param_groups`),
+the loss adds the penalty (:class:`torchdam.DAMPolicy`). PubMed is not available offline and is reported as not
 run. Data: :mod:`reproduce.data.planetoid`.
 """
 from __future__ import annotations
@@ -32,13 +32,12 @@ from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from torchdam.atomic import write_atomic  # noqa: E402
-from torchdam.attach import penalty  # noqa: E402
 from reproduce.data.planetoid import PlanetoidGraph, load_planetoid  # noqa: E402
 from torchdam.errors import DataError  # noqa: E402
 from reproduce import EXPERIMENTS  # noqa: E402
 from reproduce.common import mean_std  # noqa: E402
 from torchdam.gates import DAMGate  # noqa: E402
-from torchdam.train import TrainConfig, build_optimizer  # noqa: E402
+from torchdam.train import DAMPolicy, dam_param_groups  # noqa: E402
 
 DATASETS = ("cora", "citeseer", "pubmed")
 
@@ -131,15 +130,16 @@ class DGIBody(nn.Module):
 def _fit(model: nn.Module, encoder: GatedEncoder, step_loss, epochs: int, lr: float, lam: float,
          beta_lr: float, desc: str, progress: bool) -> list[dict]:
     """Full-batch Adam; the gate's beta in its own group (own lr, no decay)."""
-    config = TrainConfig(epochs=epochs, optimizer="adam", lr=lr, beta_lr=beta_lr, lam=lam, schedule="none")
-    optimizer = build_optimizer(model, config)
+    optimizer = torch.optim.Adam(dam_param_groups(model, lr=lr, beta_lr=beta_lr), lr=lr)
+    policy = DAMPolicy(lam)
     history = []
     for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=None if progress else True):
         model.train()
         loss = step_loss()
-        total = loss + penalty(model, lam) if encoder.gate is not None else loss
+        total = loss + policy.penalty(model) if encoder.gate is not None else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        policy.after_backward(model, epoch)
         optimizer.step()
         if epoch % 10 == 9 or epoch == epochs - 1:
             history.append({"epoch": epoch + 1, "loss": loss.item(), "width": encoder.width()})

@@ -31,13 +31,13 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from torchdam.atomic import write_atomic  # noqa: E402
-from torchdam.attach import attach, penalty, widths  # noqa: E402
+from torchdam.attach import attach, widths  # noqa: E402
 from reproduce.data.ratings import RatingData, load_ratings  # noqa: E402
 from reproduce import EXPERIMENTS  # noqa: E402
 from reproduce.common import mean_std  # noqa: E402
 from reproduce.igmc_model import IGMC  # noqa: E402
 from reproduce.igmc_subgraphs import SubgraphSet, cached_extract  # noqa: E402
-from torchdam.train import TrainConfig, build_optimizer, lr_factor  # noqa: E402
+from torchdam.train import DAMPolicy, TrainConfig, build_optimizer, lr_factor  # noqa: E402
 
 DATASETS = ("douban", "flixster", "yahoo_music", "ml_100k")
 LAMBDAS = {"douban": 0.1, "flixster": 0.1, "yahoo_music": 50.0, "ml_100k": 0.1}
@@ -139,7 +139,8 @@ def train_igmc(train: SubgraphSet, test: SubgraphSet, num_relations: int, dam: b
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer="adam", lr=cfg.lr,
                      beta_lr=cfg.beta_lr, lam=lam, schedule="step", milestones=(cfg.epochs // 2,),
                      seed=seed, progress=progress)
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc)  # beta (if gated) in its own group: beta_lr, no decay
+    policy = DAMPolicy.from_config(tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(tc, e))
     snapshots, history = [], []
     for epoch in tqdm(range(cfg.epochs), desc=f"{'IGMC-DAM' if dam else 'IGMC'} seed {seed}", leave=False,
@@ -150,9 +151,10 @@ def train_igmc(train: SubgraphSet, test: SubgraphSet, num_relations: int, dam: b
             mse = F.mse_loss(model(batch), batch.y)
             loss = mse + cfg.arr * model.adjacent_rating_penalty()
             if dam:
-                loss = loss + penalty(model, lam)
+                loss = loss + policy.penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            policy.after_backward(model, epoch)
             optimizer.step()
             total, seen = total + mse.detach() * len(batch.y), seen + len(batch.y)
         scheduler.step()

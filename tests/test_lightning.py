@@ -18,7 +18,6 @@ import lightning.pytorch as pl  # noqa: E402
 
 from torchdam.errors import AttachError, ConfigError  # noqa: E402
 from torchdam.lightning import DAMCallback  # noqa: E402
-from torchdam.train import TrainConfig, build_optimizer  # noqa: E402
 
 
 class Classifier(pl.LightningModule):
@@ -32,7 +31,7 @@ class Classifier(pl.LightningModule):
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return build_optimizer(self.net, TrainConfig(lr=0.05, beta_lr=0.05))
+        return torch.optim.SGD(torchdam.dam_param_groups(self.net, lr=0.05, beta_lr=0.05), lr=0.05, momentum=0.9)
 
 
 def data():

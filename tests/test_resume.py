@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchdam
-import torchdam.train.loop as train_module
+import torchdam.train.policy as policy_module  # the penalty every training step calls
 from torchdam.checkpoint import LAST, PREV, load_checkpoint
 from torchdam.cli import main
 from torchdam.errors import CheckpointError, ConfigError
@@ -158,7 +158,7 @@ def test_cli_prune_ctrl_c_exits_130_and_resume_finishes(tmp_path, monkeypatch, c
     args = ["prune", "--limit", "512", "--epochs", "2", "--batch-size", "64", "--latency-repeats", "1",
             "--no-progress", "--checkpoint-every", "3"]
     calls = [0]
-    real_penalty = train_module.penalty
+    real_penalty = policy_module.penalty
 
     def interrupting_penalty(model, lam):
         calls[0] += 1
@@ -166,14 +166,14 @@ def test_cli_prune_ctrl_c_exits_130_and_resume_finishes(tmp_path, monkeypatch, c
             os.kill(os.getpid(), signal.SIGINT)
         return real_penalty(model, lam)
 
-    monkeypatch.setattr(train_module, "penalty", interrupting_penalty)
+    monkeypatch.setattr(policy_module, "penalty", interrupting_penalty)
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--out", str(tmp_path / "run")])
     assert exit_info.value.code == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resume" in err
     assert not (tmp_path / "run" / "report.json").exists()
-    monkeypatch.setattr(train_module, "penalty", real_penalty)
+    monkeypatch.setattr(policy_module, "penalty", real_penalty)
 
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--resume", str(tmp_path / "run")])

@@ -4,12 +4,16 @@
     gates = dam.attach(model)                       # gate every Linear/Conv2d but the head
     loss = task_loss + dam.penalty(model, lam)      # lam * mean(beta)
     small = dam.compact(model, example_inputs)      # physically smaller, same outputs
+
+Your own training loop: ``dam.dam_param_groups`` (the betas' own optimizer group) and
+``dam.DAMPolicy`` (penalty, cold start); or ``dam.Trainer``, ``torchdam.lightning`` and
+``torchdam.hf`` callbacks, which use the same policy.
 """
 from torchdam.attach import attach, detach, gate_parameters, named_gates, penalty, widths
 from torchdam.compact import compact
 from torchdam.count import count, latency
 from torchdam.serialize import load, save
-from torchdam.train import TrainConfig, Trainer
+from torchdam.train import DAMPolicy, TrainConfig, Trainer, dam_param_groups
 from torchdam.errors import (
     AttachError,
     CheckpointError,
@@ -23,9 +27,9 @@ from torchdam.errors import (
 from torchdam.gates import DAMGate
 
 __all__ = [
-    "AttachError", "CheckpointError", "CompactionError", "ConfigError", "DAMGate", "DataError",
+    "AttachError", "CheckpointError", "CompactionError", "ConfigError", "DAMGate", "DAMPolicy", "DataError",
     "ShapeError", "TorchDAMError", "TrainConfig", "Trainer", "UnsupportedLayerError", "attach",
-    "compact", "count", "detach", "gate_parameters", "latency", "load", "named_gates", "penalty",
+    "compact", "count", "dam_param_groups", "detach", "gate_parameters", "latency", "load", "named_gates", "penalty",
     "save", "widths",
 ]
 __version__ = "0.1.0"

@@ -10,25 +10,25 @@ and compacts the network when fitting ends:
     lightning.Trainer(max_epochs=10, callbacks=[dam]).fit(lit_model, loader)
     dam.compacted          # the physically smaller copy of lit_model.net
 
-The penalty goes in as a gradient (``torch.autograd.grad``, added to ``beta.grad``), not as
-a term of ``training_step``'s loss, so the user's step is untouched and DDP's gradient
-hooks are not triggered twice. For the same reason as in :class:`torchdam.Trainer`, give
-the betas no weight decay in ``configure_optimizers`` (:func:`torchdam.train.build_optimizer`
-builds such groups).
+The penalty and cold start are :class:`torchdam.DAMPolicy`'s, as in :class:`torchdam.Trainer`.
+The penalty goes in as a gradient (added to ``beta.grad`` after the backward), not as a
+term of ``training_step``'s loss, so the user's step is untouched and DDP's gradient hooks
+are not triggered twice. Give the betas their own lr and no weight decay in
+``configure_optimizers``: ``torch.optim.SGD(torchdam.dam_param_groups(self.net, lr, beta_lr), lr)``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from torchdam.attach import attach as attach_gates
-from torchdam.attach import gate_parameters, named_gates, penalty, warn_dead_layers
+from torchdam.attach import named_gates, warn_dead_layers
 from torchdam.compact import compact
 from torchdam.errors import AttachError, ConfigError
 from torchdam.serialize import save
+from torchdam.train.policy import DAMPolicy
 
 try:
     import lightning.pytorch as pl
@@ -56,13 +56,10 @@ class DAMCallback(pl.Callback):
     def __init__(self, lam: float, cold_start: int = 0, module: str | None = None,
                  attach: dict[str, Any] | None = None, example_inputs: Tensor | None = None,
                  save_dir: str | Path | None = None) -> None:
-        if not lam >= 0:
-            raise ConfigError(f"lam (lambda) must be >= 0, got {lam}")
-        if cold_start < 0:
-            raise ConfigError(f"cold_start must be >= 0, got {cold_start}")
+        self.policy = DAMPolicy(lam, cold_start)
         if example_inputs is not None and module is None:
             raise ConfigError("DAMCallback compacts a submodule: pass module='<attribute of your LightningModule>'")
-        self.lam, self.cold_start, self.module_name = lam, cold_start, module
+        self.module_name = module
         self.attach_kwargs, self.example_inputs = attach, example_inputs
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.history: list[dict] = []
@@ -88,22 +85,12 @@ class DAMCallback(pl.Callback):
         attach_gates(net, **self.attach_kwargs)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        betas = gate_parameters(self.network(pl_module))
-        if trainer.current_epoch < self.cold_start:
-            for beta in betas:  # no grad: neither momentum nor Adam moves it
-                beta.grad = None
-            return
-        if self.lam == 0:
-            return
         # Scaled like the loss Lightning just backpropagated (AMP scaler, accumulation).
         scale = 1.0 / trainer.accumulate_grad_batches
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         if scaler is not None:
             scale *= scaler.get_scale()
-        with torch.enable_grad():
-            grads = torch.autograd.grad(penalty(self.network(pl_module), self.lam) * scale, betas)
-        for beta, grad in zip(betas, grads):
-            beta.grad = grad if beta.grad is None else beta.grad + grad
+        self.policy.after_backward(self.network(pl_module), trainer.current_epoch, penalty_scale=scale)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         record: dict[str, float] = {"epoch": trainer.current_epoch + 1}

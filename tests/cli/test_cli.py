@@ -1,5 +1,6 @@
 """The CLI end to end on real MNIST (a small slice), and its bad-input contract."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -60,7 +61,49 @@ def test_reloaded_compacted_model_gives_the_same_predictions(smoke_run):
 def test_evaluate_command_reloads(smoke_run, capsys):
     code, out, _ = run_cli(["evaluate", str(smoke_run / "compacted")], capsys)
     report = json.loads((smoke_run / "report.json").read_text())
-    assert code == 0 and f"{100 * report['test_acc_compacted']:.2f}%" in out
+    assert code == 0 and f"{100 * report['test_acc_compacted']:.2f}%" in out and "on mnist" in out
+
+
+def test_evaluate_scores_on_the_recorded_dataset_and_refuses_another(smoke_run, capsys, tmp_path):
+    code, _, err = run_cli(["evaluate", str(smoke_run / "compacted"), "--data", "fashion_mnist"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "trained on mnist, not fashion_mnist" in err
+    # the same folder as a Fashion-MNIST run would have written it: scored on Fashion-MNIST
+    folder = tmp_path / "compacted"
+    shutil.copytree(smoke_run / "compacted", folder)
+    arch = json.loads((folder / "architecture.json").read_text())
+    arch["metadata"]["data"] = "fashion_mnist"
+    (folder / "architecture.json").write_text(json.dumps(arch))
+    code, out, _ = run_cli(["evaluate", str(folder)], capsys)
+    assert code == 0 and "on fashion_mnist" in out
+    code, _, err = run_cli(["evaluate", str(folder), "--data", "mnist"], capsys)
+    assert code == 2 and "trained on fashion_mnist, not mnist" in err
+    del arch["metadata"]["data"]
+    (folder / "architecture.json").write_text(json.dumps(arch))
+    code, _, err = run_cli(["evaluate", str(folder)], capsys)
+    assert code == 2 and "records no dataset; pass --data" in err
+
+
+def test_cli_defaults_are_the_apis():
+    """Each option has one default: the CLI reads it from TrainConfig / PruneJob."""
+    import dataclasses
+
+    import typer
+
+    from torchdam.cli.app import app
+    from torchdam.cli.prune import PruneJob
+    from torchdam.train import TrainConfig
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["prune"].params}
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # (PruneJob.resume is a flag; the CLI's --resume is the folder that sets it)
+    fields.update({f.name: f.default for f in dataclasses.fields(PruneJob) if f.name not in ("train", "resume")})
+    fields["out"] = fields.pop("out_dir")
+    shared = sorted(set(params) & set(fields))
+    assert len(shared) >= 20
+    for name in shared:
+        expected = list(fields[name]) if isinstance(fields[name], tuple) else fields[name]
+        assert params[name] == expected, name
+    assert (TrainConfig.lam, TrainConfig.epochs, TrainConfig.lr, TrainConfig.beta_lr) == (0.15, 15, 0.05, 0.002)
 
 
 BAD = [

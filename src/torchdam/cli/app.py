@@ -4,6 +4,9 @@ Every error torchdam raises on purpose (:class:`torchdam.errors.TorchDAMError`) 
 one line on stderr and exit code 2; so does a bad option (typer/click's own usage error).
 Ctrl-C is exit code 130 (128 + SIGINT, the shell's convention), after `prune` has saved a
 checkpoint that `--resume` continues from.
+
+Every option's default is read from where the option lives (:class:`TrainConfig` for
+training, :class:`PruneJob` for the job), so the command line and the API never disagree.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from typing import List, Optional
 
 import typer
 
-from torchdam.errors import TorchDAMError
+from torchdam.cli.prune import PruneJob
+from torchdam.errors import ConfigError, TorchDAMError
+from torchdam.train.config import TrainConfig
 
 INTERRUPTED = ("torchdam: interrupted; everything written so far is kept "
                "(`torchdam prune ... --resume OUT` continues a training run)")
@@ -24,30 +29,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.command()
 def prune(
-    model: str = typer.Option("lenet300", help="zoo model: see `torchdam models`"),
-    data: str = typer.Option("mnist", help="dataset: mnist, fashion_mnist"),
-    lam: float = typer.Option(0.15, help="penalty weight lambda (>= 0)"),
-    epochs: int = typer.Option(15, help="training epochs (single stage, no fine-tuning)"),
-    lr: float = typer.Option(0.05, help="learning rate of the weights"),
-    beta_lr: float = typer.Option(0.002, help="learning rate of the gates' betas (sets pruning speed)"),
-    optimizer: str = typer.Option("sgd", help="sgd or adam"),
-    momentum: float = typer.Option(0.9),
-    weight_decay: float = typer.Option(0.0, help="weight decay of the weights (never of beta)"),
-    batch_size: int = typer.Option(128),
-    schedule: str = typer.Option("cosine", help="cosine, step or none"),
-    milestones: List[int] = typer.Option([], help="epochs of x0.1 lr drops for --schedule step"),
-    cold_start: int = typer.Option(0, help="epochs with beta frozen"),
-    gate: str = typer.Option("relu_tanh", help="relu_tanh, linear or piecewise_linear"),
-    layers: List[str] = typer.Option(["linear", "conv"], help="layer types (linear, conv) or name globs to gate"),
-    exclude: List[str] = typer.Option([], help="layer names/globs not to gate"),
-    min_width: int = typer.Option(1, help="units kept in a layer whose units all died"),
-    checkpoint: str = typer.Option("last", help="ship the 'last' epoch or the 'best' validation epoch"),
-    seed: int = typer.Option(0),
-    limit: Optional[int] = typer.Option(None, help="use only this many training images (smoke runs)"),
-    latency_repeats: int = typer.Option(30, help="timed forwards per latency median"),
-    out: Path = typer.Option(Path("runs/prune"), help="output folder"),
-    progress: bool = typer.Option(True, help="show progress bars"),
-    checkpoint_every: int = typer.Option(0, help="also checkpoint every N steps (0: at each epoch's end only)"),
+    model: str = typer.Option(PruneJob.model, help="zoo model: see `torchdam models`"),
+    data: str = typer.Option(PruneJob.data, help="dataset: mnist, fashion_mnist"),
+    lam: float = typer.Option(TrainConfig.lam, help="penalty weight lambda (>= 0)"),
+    epochs: int = typer.Option(TrainConfig.epochs, help="training epochs (single stage, no fine-tuning)"),
+    lr: float = typer.Option(TrainConfig.lr, help="learning rate of the weights"),
+    beta_lr: float = typer.Option(TrainConfig.beta_lr, help="learning rate of the gates' betas (sets pruning speed)"),
+    optimizer: str = typer.Option(TrainConfig.optimizer, help="sgd or adam"),
+    momentum: float = typer.Option(TrainConfig.momentum),
+    weight_decay: float = typer.Option(TrainConfig.weight_decay, help="weight decay of the weights (never of beta)"),
+    batch_size: int = typer.Option(TrainConfig.batch_size),
+    schedule: str = typer.Option(TrainConfig.schedule, help="cosine, step or none"),
+    milestones: List[int] = typer.Option(list(TrainConfig.milestones), help="epochs of x0.1 lr drops for --schedule step"),
+    cold_start: int = typer.Option(TrainConfig.cold_start, help="epochs with beta frozen"),
+    gate: str = typer.Option(PruneJob.gate, help="relu_tanh, linear or piecewise_linear"),
+    layers: List[str] = typer.Option(list(PruneJob.layers), help="layer types (linear, conv) or name globs to gate"),
+    exclude: List[str] = typer.Option(list(PruneJob.exclude), help="layer names/globs not to gate"),
+    min_width: int = typer.Option(PruneJob.min_width, help="units kept in a layer whose units all died"),
+    checkpoint: str = typer.Option(PruneJob.checkpoint, help="ship the 'last' epoch or the 'best' validation epoch"),
+    seed: int = typer.Option(TrainConfig.seed),
+    limit: Optional[int] = typer.Option(PruneJob.limit, help="use only this many training images (smoke runs)"),
+    latency_repeats: int = typer.Option(PruneJob.latency_repeats, help="timed forwards per latency median"),
+    out: Path = typer.Option(PruneJob.out_dir, help="output folder"),
+    progress: bool = typer.Option(TrainConfig.progress, help="show progress bars"),
+    checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every,
+                                         help="also checkpoint every N steps (0: at each epoch's end only)"),
     resume: Optional[Path] = typer.Option(
         None, help="continue the killed or interrupted run in this folder (its outputs go there too)"),
 ) -> None:
@@ -55,9 +61,8 @@ def prune(
 
     Under `torchrun --nproc_per_node N` it trains with DDP (--batch-size per process) and
     rank 0 alone writes and prints."""
-    from torchdam.cli.prune import PruneJob, run
+    from torchdam.cli.prune import run
     from torchdam.cli.report import format_report
-    from torchdam.train import TrainConfig
 
     job = PruneJob(
         model=model, data=data, gate=gate, layers=tuple(layers), exclude=tuple(exclude), limit=limit,
@@ -88,18 +93,32 @@ def models() -> None:
     typer.echo("\n".join(MODELS.names()))
 
 
+def evaluated_dataset(path: Path, data: Optional[str]) -> str:
+    """The dataset to score the model in ``path`` on: the one its run recorded (``data`` in
+    the metadata `torchdam prune` saves with it), or ``data``, which must then agree."""
+    from torchdam.serialize import load_metadata
+
+    recorded = load_metadata(path).get("data")
+    if data is None and recorded is None:
+        raise ConfigError(f"{path} records no dataset; pass --data")
+    if data is not None and recorded is not None and data != recorded:
+        raise ConfigError(f"{path} was trained on {recorded}, not {data}; omit --data to score it on {recorded}")
+    return data or recorded
+
+
 @app.command()
 def evaluate(
     path: Path = typer.Argument(..., help="a folder written by `torchdam prune` (its compacted/ subfolder)"),
-    data: str = typer.Option("mnist"),
+    data: Optional[str] = typer.Option(None, help="dataset (default: the one the run recorded in PATH)"),
 ) -> None:
     """Reload a compacted model with torchdam.load and report its test accuracy."""
     from torch.utils.data import DataLoader
 
     from torchdam.data import load_dataset
     from torchdam.serialize import load
-    from torchdam.train import TrainConfig, Trainer
+    from torchdam.train import Trainer
 
+    data = evaluated_dataset(path, data)
     model = load(path)
     splits = load_dataset(data)
     trainer = Trainer(model, TrainConfig(progress=False))

@@ -1,4 +1,7 @@
-"""Options of the training loop: one dataclass, validated once when it is made."""
+"""Options of the training loop: one dataclass, validated once when it is made.
+
+Its field defaults are THE defaults: the ``torchdam`` command line reads them from here
+(``TrainConfig.lam``), so an option has one default wherever it is offered."""
 from __future__ import annotations
 
 import math
@@ -13,22 +16,48 @@ LOG_FORMATS = ("jsonl", "csv")
 RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "log_format"})
 
 
+def check_whole(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+
+
+def check_finite(key: str, value: object) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
+def check_lam(lam: object) -> None:
+    """lambda must be a finite number >= 0 (checked once, where a run is configured, not
+    on every step)."""
+    check_finite("lam", lam)
+    if lam is None or lam < 0:
+        raise ConfigError(f"lam (lambda) must be >= 0, got {lam}")
+
+
+def check_cold_start(cold_start: object) -> None:
+    check_whole("cold_start", cold_start)
+    if cold_start < 0:
+        raise ConfigError(f"cold_start must be >= 0, got {cold_start}")
+
+
 @dataclass
 class TrainConfig:
     """Options of :class:`Trainer`. Epochs in ``milestones`` and ``cold_start`` count from
     0 (like ``torch.optim.lr_scheduler.MultiStepLR``): ``cold_start=20`` freezes beta for
     epochs 1..20 as logged; ``milestones=(100,)`` lowers the lr from logged epoch 101."""
 
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
-    beta_lr: float | None = None
+    #: the betas' learning rate (None: the weights' ``lr``); it sets the pruning speed
+    beta_lr: float | None = 0.002
     # Decay on beta would cap how far the penalty can push it (PAPER.md section 2).
     beta_weight_decay: float = 0.0
-    lam: float = 0.5
+    #: lambda, the penalty's weight
+    lam: float = 0.15
     cold_start: int = 0
     schedule: str = "cosine"
     milestones: tuple[int, ...] = ()
@@ -42,13 +71,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
         for key in ("epochs", "batch_size", "cold_start", "seed", "checkpoint_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{key} must be a whole number, got {value!r}")
-        for key in ("lr", "beta_lr", "momentum", "weight_decay", "beta_weight_decay", "lam", "gamma"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            check_whole(key, getattr(self, key))
+        for key in ("lr", "beta_lr", "momentum", "weight_decay", "beta_weight_decay", "gamma"):
+            check_finite(key, getattr(self, key))
+        check_lam(self.lam)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -57,7 +83,6 @@ class TrainConfig:
             (self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.beta_weight_decay >= 0, f"beta_weight_decay must be >= 0, got {self.beta_weight_decay}"),
-            (self.lam >= 0, f"lam (lambda) must be >= 0, got {self.lam}"),
             (0 <= self.cold_start <= self.epochs,
              f"cold_start must be between 0 and epochs={self.epochs}, got {self.cold_start}"),
             (self.optimizer in OPTIMIZERS,

@@ -2,8 +2,10 @@
 
 DAM trains weights and gates jointly (PAPER.md section 2): the loss is the task loss plus
 ``penalty(model, lam)``, the betas sit in their own parameter group (own learning rate,
-no weight decay by default) and can be frozen for the first ``cold_start`` epochs. A
-model without gates trains the same way, with no penalty and no beta group.
+no weight decay by default) and can be frozen for the first ``cold_start`` epochs; all of
+it is :mod:`torchdam.train.policy`. A model without gates trains the same way, with no
+penalty and no beta group. Batches may have any layout (``forward_fn``,
+:mod:`torchdam.train.batch`).
 
 Example:
     >>> from torch import nn
@@ -30,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +42,13 @@ from tqdm.auto import tqdm
 
 from torchdam import distributed
 from torchdam.atomic import write_atomic
-from torchdam.attach import gate_parameters, named_gates, penalty
+from torchdam.attach import named_gates
 from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from torchdam.train.batch import ForwardFn, batch_size, default_forward, to_device
 from torchdam.train.config import RESUMABLE_CHANGES, TrainConfig, lr_factor
 from torchdam.train.log import RunLog
-from torchdam.train.policy import build_optimizer
+from torchdam.train.policy import DAMPolicy, build_optimizer
 
 #: The progress bar's postfix needs a host sync; refresh it only this often.
 POSTFIX_EVERY = 20
@@ -54,14 +57,10 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FORMAT = "torchdam-train"
 
 
-def _split_batch(batch) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, Tensor):  # unlabelled data: reconstruct the input
-        return batch, batch
-    return batch[0], batch[1]
-
-
-def _has_accuracy(out: Tensor, y: Tensor) -> bool:
-    return out.dim() == 2 and y.dim() == 1 and y.dtype == torch.int64
+def _has_accuracy(out: Any, y: Any) -> bool:
+    """Classification: 2-D logits and int64 class indices."""
+    return (isinstance(out, Tensor) and isinstance(y, Tensor)
+            and out.dim() == 2 and y.dim() == 1 and y.dtype == torch.int64)
 
 
 class _Tally:
@@ -73,8 +72,8 @@ class _Tally:
         self.seen = 0
         self.classifies = True
 
-    def add(self, loss: Tensor, out: Tensor, y: Tensor) -> None:
-        n = y.shape[0]
+    def add(self, loss: Tensor, out: Any, y: Any) -> None:
+        n = batch_size(out, y)
         self.loss += loss.detach() * n
         self.seen += n
         if self.classifies and _has_accuracy(out, y):
@@ -154,6 +153,11 @@ class Trainer:
         config: a :class:`TrainConfig`.
         loss_fn: ``loss_fn(outputs, targets)``; accuracy is reported when outputs are 2-D
             logits and targets int64 class indices, otherwise ``acc`` is ``None``.
+        forward_fn: ``forward_fn(model, batch) -> (outputs, targets)``, for batches of any
+            layout (several inputs, dicts, Hugging Face ``BatchEncoding``); used in
+            training and :meth:`evaluate`. Default: ``(inputs, targets)`` tuples, or a bare
+            tensor that is its own target. Batches are moved to ``device`` first, nested
+            containers included.
         out_dir: where ``log.jsonl``/``log.csv``, ``best.safetensors`` and
             ``checkpoints/`` go; ``None`` writes nothing (the best weights are then kept
             in memory, and there is nothing to resume from).
@@ -173,6 +177,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
         extra_penalty: Callable[[nn.Module], Tensor] | None = None,
+        forward_fn: ForwardFn = default_forward,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
@@ -180,13 +185,15 @@ class Trainer:
         self.model = model.to(self.device)
         self.config = config
         self.loss_fn = loss_fn
+        self.forward_fn = forward_fn
         self.extra_penalty = extra_penalty
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.gates = dict(named_gates(model))
+        self.policy = DAMPolicy.from_config(config)
         self.optimizer = build_optimizer(model, config)
         lambdas = [lambda e: lr_factor(config, e)]
         if self.gates:
-            lambdas.append(lambda e: 0.0 if e < config.cold_start else lr_factor(config, e))
+            lambdas.append(lambda e: 0.0 if self.policy.frozen(e) else lr_factor(config, e))
         # The scheduler alone sets every group's lr, so cold start cannot be undone by it.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.best_val_acc: float | None = None
@@ -291,24 +298,19 @@ class Trainer:
         if position.tally is not None:
             tally.load(position.tally)
             position.tally = None
-        # Cold start: beta gets no grad, so neither momentum nor Adam moves it. Dropping the
-        # grad (rather than requires_grad=False) keeps DDP's set of reduced parameters fixed.
-        frozen = [b for b in gate_parameters(self.model)] if epoch < self.config.cold_start else []
         total_steps = len(loader) if hasattr(loader, "__len__") else None
         bar = tqdm(self._batches(epoch, loader), desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    leave=False, total=total_steps, initial=position.step_in_epoch,
                    disable=None if self.config.progress else True)
         for step, batch in enumerate(bar, start=position.step_in_epoch):
-            x, y = (t.to(self.device, non_blocking=True) for t in _split_batch(batch))
-            out = self._net(x)
+            out, y = self.forward_fn(self._net, to_device(batch, self.device))
             loss = self.loss_fn(out, y)
-            total = loss + penalty(self.model, self.config.lam) if self.gates else loss
+            total = loss + self.policy.penalty(self.model) if self.gates else loss
             if self.extra_penalty is not None:
                 total = total + self.extra_penalty(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
-            for b in frozen:
-                b.grad = None
+            self.policy.after_backward(self.model, epoch)  # cold start: the betas' grads dropped
             self.optimizer.step()
             tally.add(loss, out, y)
             position.step_in_epoch, position.global_step = step + 1, position.global_step + 1
@@ -344,8 +346,7 @@ class Trainer:
         tally = _Tally(self.device)
         try:
             for batch in loader:
-                x, y = (t.to(self.device, non_blocking=True) for t in _split_batch(batch))
-                out = model(x)
+                out, y = self.forward_fn(model, to_device(batch, self.device))
                 tally.add(self.loss_fn(out, y), out, y)
         finally:
             model.train(was_training)

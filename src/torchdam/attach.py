@@ -10,6 +10,9 @@ BatchNorm host scales its affine (``weight*g, bias*g``), so the gate costs only 
 ops; a Linear host scales its weight rows when the weight is smaller than the output,
 otherwise its output; a Conv host scales its output. These replace the host's ``forward`` on the instance only (its class
 is untouched). Any other host type gets a forward hook that scales its output.
+
+Transformers (:mod:`torchdam.attention`): an attention module's gate has one unit per head and
+acts on its output projection's input; fused kernels that would skip gates are turned off.
 """
 from __future__ import annotations
 

@@ -696,3 +696,19 @@ class PrunedMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads} of {self.total_heads}, "
                 f"head_dim={self.head_dim}, batch_first={self.batch_first}")
+
+
+class PrunedMHAHeads(SplitHeads):
+    """:class:`PrunedMultiheadAttention` (a compacted model gated again): separate
+    projections; ``kept_heads`` keeps naming the original heads."""
+
+    def __init__(self) -> None:
+        super().__init__("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", {"num_heads": _heads})
+
+    def remove(self, m: nn.Module, keep: list[int]) -> None:
+        super().remove(m, keep)
+        m.kept_heads = [m.kept_heads[u] for u in sorted(keep)]
+        return None
+
+
+ATTENTION[PrunedMultiheadAttention] = PrunedMHAHeads()

@@ -27,6 +27,10 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
    ops between are elementwise/reshapes; the result is always checked against the gated
    model, and compaction falls back to full-width streams if it differs.
 
+5. **Heads** (:mod:`torchdam.attention`): an attention module's head gate is folded into its
+   output projection; its dead heads' q/k/v rows and output-projection columns are removed
+   and its head counts updated (local to the module, no graph needed).
+
 Finally the compacted copy is checked against the gated model on ``example_inputs``.
 Per-layer rules live in small tables (:data:`FOLDERS`) that users can extend.
 """
@@ -118,6 +122,16 @@ class ScatterUnits(nn.Module):
         shape = list(y.shape)
         shape[axis] = self.total
         return y.new_zeros(shape).index_copy_(axis, self.index, y)
+
+    def __getattr__(self, name: str):
+        # Code that reads the wrapped layer's ``weight``/``bias`` for their dtype or device
+        # (HF ViT reads ``patch_embeddings.projection.weight.dtype``) finds the inner layer's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                return getattr(self._modules["module"], name)
+            raise
 
     def extra_repr(self) -> str:
         return f"live={self.index.numel()}, total={self.total}, axis={self.axis}"

@@ -10,6 +10,9 @@ BatchNorm host scales its affine (``weight*g, bias*g``), so the gate costs only 
 ops; a Linear host scales its weight rows when the weight is smaller than the output,
 otherwise its output; a Conv host scales its output. These replace the host's ``forward`` on the instance only (its class
 is untouched). Any other host type gets a forward hook that scales its output.
+
+Transformers (:mod:`torchdam.attention`): an attention module's gate has one unit per head and
+acts on its output projection's input; fused kernels that would skip gates are turned off.
 """
 from __future__ import annotations
 
@@ -40,6 +43,18 @@ UNIT_LAYERS: dict[type, tuple[str, int]] = {
 }
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 GATE_ATTR = "dam_gate"
+#: Layer types an ``nn.Linear`` selector also selects (linear layers of other libraries:
+#: Hugging Face's ``Conv1D``, registered by :mod:`torchdam.attention` once transformers is loaded).
+LINEAR_LIKE: list[type] = []
+
+
+class GateHook:
+    """Base of the hooks :func:`attach` puts on modules other than a gate's host (an
+    attention module's output projection, a block whose fused kernel would skip its gates);
+    :func:`detach` calls ``undo(module)`` and removes every one."""
+
+    def undo(self, module: nn.Module) -> None:
+        """Restore what installing the hook changed on ``module`` (nothing by default)."""
 
 
 def _units(module: nn.Module) -> tuple[int, int]:
@@ -56,7 +71,7 @@ def _units(module: nn.Module) -> tuple[int, int]:
 def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
     for s in selectors:
         if isinstance(s, type):
-            if isinstance(module, s):
+            if isinstance(module, s) or (s is nn.Linear and isinstance(module, tuple(LINEAR_LIKE))):
                 return True
         elif isinstance(s, str):
             if name == s or fnmatch.fnmatchcase(name, s):
@@ -165,6 +180,9 @@ class Site:
     host: str
     units: int
     axis: int | None
+    #: ``"units"`` (a layer's output units) or ``"heads"`` (an attention module's heads: the
+    #: gate scales ``x.unflatten(-1, (units, width))`` of its output projection's input on axis -2)
+    kind: str = "units"
 
 
 def plan(
@@ -174,6 +192,7 @@ def plan(
     *,
     include_output: bool = False,
     after_norm: bool = True,
+    heads: bool = True,
 ) -> dict[str, Site]:
     """Where :func:`attach` would put gates, without changing ``model``.
 
@@ -185,15 +204,28 @@ def plan(
         >>> plan(net)["0"].host
         '1'
     """
+    from torchdam import attention
+
     layers, exclude = tuple(layers), tuple(exclude)
     if not layers:
         raise AttachError("attach needs at least one layer type or name in `layers`")
+    head_sites, not_by_type = attention.scan(model, heads)
+    named = tuple(s for s in layers if isinstance(s, str))
     leaves = _leaf_layers(model)
     output_name = leaves[-1][0] if leaves else None
     sites: dict[str, Site] = {}
     for name, module in model.named_modules():
+        if name in head_sites:
+            if _matches(name, module, exclude):
+                continue
+            if isinstance(getattr(module, GATE_ATTR, None), nn.Module):
+                raise AttachError(f"attention {name!r} already has a DAM gate; call torchdam.detach(model) first")
+            sites[name] = head_sites[name]
+            continue
         if not name or not _matches(name, module, layers) or _matches(name, module, exclude):
             continue
+        if name in not_by_type and not _matches(name, module, named):
+            continue  # an attention projection, a residual-stream writer (torchdam.attention.NOT_GATED)
         if name == output_name and not include_output:
             continue
         n, axis = _units(module)
@@ -229,8 +261,28 @@ def attach(
     alpha: float = 1.0,
     make_gate: Callable[[Site], nn.Module] | None = None,
     fused: bool = True,
+    heads: bool = True,
 ) -> dict[str, nn.Module]:
     """Put a DAM gate on the output of every matching submodule of ``model`` (in place).
+
+    What the defaults gate:
+
+    - every ``nn.Linear`` and ``nn.Conv2d`` (and Hugging Face ``Conv1D``, which an
+      ``nn.Linear`` selector also selects), on its output units, except the model's output
+      layer (the last one registered);
+    - in transformers, the heads of every attention module of a type in
+      :data:`torchdam.attention.ATTENTION` (``nn.MultiheadAttention``, HF BERT/ViT/GPT-2/
+      Llama attention): one gate per module whose units are its heads (under grouped-query
+      attention a unit is a key/value head with its query heads). Its q/k/v/output
+      projections are never gated as layers;
+    - so in a transformer block: the heads and the FFN hidden units (the MLP's first layer:
+      ``linear1``, ``intermediate.dense``, ``fc1``, ``c_fc``; Llama's ``up_proj``, whose
+      units ``gate_proj`` shares). Not gated by a type selector
+      (:data:`torchdam.attention.NOT_GATED`): layers writing the residual stream (FFN output
+      projections ``linear2``/``output.dense``/``fc2``/``c_proj``/``down_proj``, ViT's patch
+      embedding) and Llama's ``gate_proj``; name them in ``layers`` to gate them anyway.
+      Layers outside recognised blocks (BERT's pooler, a hand-written block's MLP) follow
+      the first rule.
 
     Args:
         layers: module types and/or qualified names or globs (``"features.*"``) to gate.
@@ -246,6 +298,14 @@ def attach(
         fused: apply each gate inside the host's forward where a fast rule exists
             (:data:`GATED_FORWARDS`, one ``(n,)`` mask); ``False`` always uses a forward hook
             ``gate(host output)``, for gates whose values differ per sample.
+        heads: gate attention heads as described above (``False``: attention modules get no
+            gate; their projections are still not gated as layers).
+
+    Fused kernels that would skip gates are turned off where a gate sits: a gated
+    ``nn.MultiheadAttention`` runs its general path with the gate applied, and an
+    ``nn.TransformerEncoderLayer`` holding a gate gets a no-op forward pre-hook, which its
+    fast-path check treats as "hooks attached: take the general path", so gates act in eval
+    too (its ``nn.TransformerEncoder`` stops using nested tensors). :func:`detach` undoes both.
 
     Returns:
         ``{qualified name of the gated layer: gate}`` in registration order.
@@ -255,7 +315,9 @@ def attach(
         >>> list(attach(net))
         ['0']
     """
-    sites = plan(model, layers, exclude, include_output=include_output, after_norm=after_norm)
+    from torchdam import attention
+
+    sites = plan(model, layers, exclude, include_output=include_output, after_norm=after_norm, heads=heads)
     if make_gate is None:
         def make_gate(site: Site) -> nn.Module:
             return DAMGate(site.units, axis=site.axis, gate=gate, k=k, beta_init=beta_init, alpha=alpha)
@@ -269,12 +331,17 @@ def attach(
         host = model.get_submodule(site.host)
         setattr(host, GATE_ATTR, g)
         g.producer_name, g.host_name = site.name, site.host
+        if site.kind == "heads":
+            attention.install(host, fused)
+            gates[site.name] = g
+            continue
         fn = GATED_FORWARDS.get(type(host)) if fused else None
         if fn is not None and "forward" not in host.__dict__:
             host.forward = GatedForward(host, fn)
         else:
             host.register_forward_hook(apply_gate)
         gates[site.name] = g
+    attention.keep_gates_in_eval(model)
     return gates
 
 
@@ -311,6 +378,11 @@ def widths(model: nn.Module) -> dict[str, tuple[int, int]]:
 def detach(model: nn.Module) -> nn.Module:
     """Remove every gate and its hook or gated forward (in place), leaving the model as it was."""
     for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                if isinstance(hook, GateHook):
+                    hook.undo(module)
+                    del hooks[key]
         if isinstance(getattr(module, GATE_ATTR, None), nn.Module):
             delattr(module, GATE_ATTR)
             if isinstance(module.__dict__.get("forward"), GatedForward):

@@ -27,13 +27,19 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
    ops between are elementwise/reshapes; the result is always checked against the gated
    model, and compaction falls back to full-width streams if it differs.
 
+5. **Heads** (:mod:`torchdam.attention`): an attention module's head gate is folded into its
+   output projection; its dead heads' q/k/v rows and output-projection columns are removed
+   and its head counts updated (local to the module, no graph needed).
+
 Finally the compacted copy is checked against the gated model on ``example_inputs``.
 Per-layer rules live in small tables (:data:`FOLDERS`) that users can extend.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -43,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from torchdam import attention
 from torchdam.attach import GATE_ATTR, detach
 from torchdam.errors import CompactionError, ShapeError, UnsupportedLayerError
 from torchdam.gates import DAMGate
@@ -116,6 +123,16 @@ class ScatterUnits(nn.Module):
         shape[axis] = self.total
         return y.new_zeros(shape).index_copy_(axis, self.index, y)
 
+    def __getattr__(self, name: str):
+        # Code that reads the wrapped layer's ``weight``/``bias`` for their dtype or device
+        # (HF ViT reads ``patch_embeddings.projection.weight.dtype``) finds the inner layer's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                return getattr(self._modules["module"], name)
+            raise
+
     def extra_repr(self) -> str:
         return f"live={self.index.numel()}, total={self.total}, axis={self.axis}"
 
@@ -147,20 +164,50 @@ def as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
+def call(model: nn.Module, example_inputs):
+    """``model(**example_inputs)`` for a dict of keyword arguments (Hugging Face style),
+    else ``model(*example_inputs)``; a model whose forward takes ``use_cache`` runs without
+    a key/value cache unless the inputs say otherwise."""
+    kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}
+    args = () if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
+    if "use_cache" not in kwargs:
+        try:
+            takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes_cache = False
+        if takes_cache:
+            kwargs["use_cache"] = False
+    return model(*args, **kwargs)
+
+
+def compared_outputs(out) -> list[Tensor]:
+    """The output tensors :func:`compact` compares: for a Hugging Face ``ModelOutput`` (or
+    any mapping) its ``logits``, else its ``last_hidden_state`` (and ``pooler_output``),
+    else every tensor but caches and per-head attention maps; otherwise every tensor."""
+    if isinstance(out, Mapping):
+        for keys in (("logits",), ("last_hidden_state", "pooler_output")):
+            found = [out[k] for k in keys if isinstance(out.get(k), Tensor)]
+            if found:
+                return found
+        out = [v for k, v in out.items() if "past_key_values" not in k and "attentions" not in k and k != "cache"]
+    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+
+
 def run_eval(model: nn.Module, example_inputs) -> list[Tensor]:
     """Outputs of ``model`` in eval mode, as a flat list; restores its training flag."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(*as_tuple(example_inputs))
+            out = call(model, example_inputs)
     except (RuntimeError, ValueError, IndexError) as exc:
-        shapes = [tuple(t.shape) for t in as_tuple(example_inputs) if isinstance(t, Tensor)]
+        inputs = example_inputs.values() if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
+        shapes = [tuple(t.shape) for t in inputs if isinstance(t, Tensor)]
         raise ShapeError(f"example_inputs of shape {shapes} do not fit {type(model).__name__}: "
                          f"{str(exc).splitlines()[0]}") from exc
     finally:
         model.train(was_training)
-    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    return compared_outputs(out)
 
 
 def _collect(small: nn.Module, min_width: int) -> list[_Gated]:
@@ -189,25 +236,39 @@ def _collect(small: nn.Module, min_width: int) -> list[_Gated]:
     return gated
 
 
-def _needs_scatter(dg: tp.DependencyGraph, group, layer: _Gated) -> bool:
+def _needs_scatter(dg: tp.DependencyGraph, group, layer: _Gated, partners: frozenset[int] = frozenset()) -> bool:
     """True when removing the dead units from every coupled layer would not be exact:
 
     - they are coupled with other producers' outputs (a residual stream);
     - they reach a normalisation after the gate (pre-activation blocks: the next block's
       BN turns the zeros into its bias, so consumers do see them);
     - nothing consumes them (they are the model's output).
+
+    ``partners``: ids of layers whose outputs are multiplied with the producer's (Llama's
+    ``gate_proj`` beside a gated ``up_proj``): zeros times anything stay zero, so removing
+    the units from them too is exact.
     """
     coupled = consumers = False
     for dep, _ in group:
         module = dep.target.module
-        if dg.is_out_channel_pruning_fn(dep.handler) and module is not layer.producer:
+        if dg.is_out_channel_pruning_fn(dep.handler) and module is not layer.producer and id(module) not in partners:
             if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
                 coupled = True
             elif isinstance(module, nn.modules.batchnorm._NormBase) and module is not layer.host:
                 coupled = True
+            elif module is not layer.host and _has_own_parameters(dep.target):
+                coupled = True  # a LayerNorm, attention, embedding or other writer on the stream
         if dg.is_in_channel_pruning_fn(dep.handler):
             consumers = True
     return coupled or not consumers
+
+
+def _has_own_parameters(node) -> bool:
+    """A graph node for a module with parameters of its own (not an op), or a bare parameter."""
+    if node.type == tp.ops.OPTYPE.PARAMETER:
+        return True
+    module = node.module
+    return isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False))
 
 
 #: Torch-Pruning node types a narrowed stream may pass through besides its producers,
@@ -288,8 +349,11 @@ def compact(
 
     Args:
         model: a model instrumented by :func:`torchdam.attach` (left unchanged).
-        example_inputs: a tensor or tuple of tensors the model accepts; used to trace the
-            dependency graph and to check the result.
+        example_inputs: a tensor or tuple of tensors the model accepts, or a dict of keyword
+            arguments (``{"input_ids": ids}`` calls ``model(**inputs)``); used to trace the
+            dependency graph and to check the result. A model whose forward takes
+            ``use_cache`` runs with ``use_cache=False``; of a Hugging Face ``ModelOutput``
+            the ``logits`` (else ``last_hidden_state``) are compared.
         min_width: units kept in a layer whose units all died (the kept ones output zero,
             exactly as in the gated model), so the network keeps its shapes; warns.
         verify: compare outputs with the gated model (eval mode) and raise
@@ -306,6 +370,7 @@ def compact(
     if min_width < 1:
         raise CompactionError(f"min_width must be >= 1, got {min_width}")
     source = unwrap(model)
+    attention.register_hf_layers()
     if not any(isinstance(m, DAMGate) for m in source.modules()):
         raise CompactionError("compact: the model has no DAM gates; call torchdam.attach(model) first")
     reference = run_eval(source, example_inputs)
@@ -325,11 +390,14 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
     """The compacted copy of ``source`` (unchecked), and whether a stream was narrowed."""
     small = copy.deepcopy(source).eval()
     with torch.no_grad():
+        heads = attention.take_head_gates(small, min_width)
         gated = _collect(small, min_width)
+    attention.keep_nested_tensors_off(small)
     detach(small)
     for p in small.parameters():
         p.requires_grad_(True)
-    dg = tp.DependencyGraph().build_dependency(small, example_inputs=as_tuple(example_inputs), verbose=False)
+    dg = _dependency_graph(small, example_inputs) if any(layer.dead for layer in gated) else None
+    shared = attention.shared_units(small)
     stream = []
     for layer in gated:
         if not layer.dead:
@@ -340,7 +408,7 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
                 f"cannot remove units of {layer.name!r}: Torch-Pruning has no rule for "
                 f"{type(layer.producer).__name__}")
         group = dg.get_pruning_group(layer.producer, pruner.prune_out_channels, layer.dead)
-        if _needs_scatter(dg, group, layer):
+        if _needs_scatter(dg, group, layer, shared.get(id(layer.producer), frozenset())):
             stream.append(layer)
         else:
             group.prune(record_history=False)
@@ -359,10 +427,22 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
         if layer.host is not layer.producer:
             _shrink_outputs(dg, layer.host, dead, layer.host_name)
         small.set_submodule(layer.host_name, ScatterUnits(layer.host, keep, total, layer.axis))
+    attention.remove_heads(small, heads)
     for p in small.parameters():
         p.requires_grad_(False)
     small.eval()
     return small, bool(removed)
+
+
+def _dependency_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of ``small`` traced on ``example_inputs`` (a dict: keyword
+    arguments), through model outputs such as Hugging Face's ``ModelOutput`` (the tensors of
+    :func:`compared_outputs`), with rules for layer types it lacks (HF ``Conv1D``)."""
+    inputs = example_inputs if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            small, example_inputs=inputs, forward_fn=call, output_transform=compared_outputs,
+            customized_pruners=attention.customized_pruners(), verbose=False)
 
 
 def check_equivalent(small: nn.Module, reference: list[Tensor], example_inputs, rtol: float = 1e-5) -> float:

@@ -10,14 +10,19 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
    input channels, a Flatten's index mapping into the next Linear, ...) and removes the
    dead units from all of them. We use it rather than our own graph surgery because it is
    maintained against PyTorch's op set and already covers flatten/concat/split mappings.
+   Where layers acting on each channel alone (a depthwise conv, a BatchNorm) turn a dead
+   unit's zeros into a constant before its consumer, the constant goes into the consumer's
+   bias first (:func:`_compensate`), so they all shrink too.
 3. **Residual streams**: when a gated layer's output is added to an ungated stream (the
-   paper's pre-activation bottleneck ``conv3``), its dead channels cannot leave the stream.
+   paper's pre-activation bottleneck ``conv3``) or reaches a layer that must keep its width
+   (tied weights, a grouped conv, a norm over all units), its dead channels cannot leave.
    Torch-Pruning would couple them with every layer on the stream, so instead we shrink
    only the gated layer (its dead channels are not computed) and wrap it in
    :class:`ScatterUnits`, which writes the live channels back into a zero tensor of the
    stream's width. The same happens when the zeros would pass through a BatchNorm before
-   any consumer (pre-activation: BN turns them into its bias, so they are not dead there)
-   and for a gated layer whose units are the model's output.
+   a consumer that cannot take the resulting constant in its bias (pre-activation: BN turns
+   them into its bias before a padded 3x3 conv) and for a gated layer whose units are the
+   model's output.
 4. **Narrow streams** (``narrow_streams=True``): a stream channel that *every* producer of
    the stream leaves dead (post-activation ResNets: each block's gated ``bn2`` and gated
    shortcut) is zero all along the stream (``relu(0 + 0) = 0``), so it is removed from the
@@ -27,8 +32,10 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
    ops between are elementwise/reshapes; the result is always checked against the gated
    model, and compaction falls back to full-width streams if it differs.
 
-Finally the compacted copy is checked against the gated model on ``example_inputs``.
-Per-layer rules live in small tables (:data:`FOLDERS`) that users can extend.
+Finally the compacted copy is checked against the gated model on ``example_inputs``; if it
+differs, the gated layers whose removal alone is not exact are scattered back as in step 3
+(:func:`_rescue`). Per-layer rules live in small tables (:data:`FOLDERS`,
+:data:`TP_PRUNERS`) that users can extend.
 """
 from __future__ import annotations
 

@@ -270,7 +270,7 @@ def _selected_by(name: str, module: nn.Module, selectors: tuple[Selector, ...]) 
 @dataclass(frozen=True)
 class Site:
     """Where one gate goes: ``name`` is the layer producing the units, ``host`` the module
-    whose output the gate scales (the producer, or the BatchNorm right after it), ``units``
+    whose output the gate scales (the producer, or the per-unit norm right after it), ``units``
     their number and ``axis`` their axis (``None``: dim 1 of ``N, C, ...``, else the last)."""
 
     name: str
@@ -377,10 +377,6 @@ def attach(
             GroupNorm with one channel per group; :data:`FOLLOWING_NORMS`), the gate acts on
             that norm's output. Before a norm over all units together (LayerNorm,
             GroupNorm(1)) it stays on the layer's output.
-
-    A depthwise convolution is never gated itself: its channels are those of the layer
-    feeding it, so gating that layer (an inverted residual's 1x1 expansion) lets
-    :func:`torchdam.compact` remove the same channels from the depthwise conv and its norm.
         gate, k, beta_init, alpha: passed to :class:`DAMGate`.
         make_gate: build another kind of gate per :class:`Site` instead (any module with a
             ``mask() -> (n,)`` and ``forward(x)``, e.g. :class:`torchdam.masks.FixedMask`):
@@ -391,6 +387,11 @@ def attach(
 
     Returns:
         ``{qualified name of the gated layer: gate}`` in registration order.
+
+    A depthwise convolution is never gated itself: its channels are those of the layer
+    feeding it, so gating that layer (an inverted residual's 1x1 expansion) lets
+    :func:`torchdam.compact` remove the same channels from the depthwise conv and its norm.
+    Raises :class:`AttachError` (changing nothing) when a selected layer already has a gate.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

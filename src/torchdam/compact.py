@@ -391,6 +391,8 @@ def _bias_delta(module: nn.Module, x: Tensor | None, idxs: list[int]) -> Tensor 
     axis = next((a for t, a in _INPUT_AXIS.items() if isinstance(module, t)), None)
     if axis is None or x.dim() < 2:
         return None
+    if isinstance(module, nn.modules.conv._ConvNd) and x.dim() == len(module.kernel_size) + 1:
+        axis = 0  # an unbatched input
     units = x.movedim(axis, 0)[idxs].flatten(1)  # (len(idxs), everything else)
     c = units[:, :1]
     if not torch.equal(units, c.expand_as(units)):
@@ -398,6 +400,8 @@ def _bias_delta(module: nn.Module, x: Tensor | None, idxs: list[int]) -> Tensor 
     c = c.flatten()
     if not torch.any(c != 0):
         return torch.zeros(())
+    if units.shape[1] < 2:
+        return None  # one value per unit (batch of 1 into a Linear): constancy not observable
     if isinstance(module, nn.Linear):
         return module.weight[:, idxs] @ c
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1 and (

@@ -4,8 +4,6 @@ mixed live/dead gates, ``compact`` under ``torch.no_grad()``, then the compacted
 equal the gated one on a fresh input and be strictly smaller in FLOPs and parameters."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -11,6 +11,11 @@ Your own training loop: ``dam.dam_param_groups`` (the betas' own optimizer group
 """
 from torchdam.attach import attach, detach, gate_parameters, named_gates, penalty, widths
 from torchdam.compact import compact
+# Per-layer rule tables and their registrars. Reach them here (or with
+# ``from torchdam.attach import ...``): ``torchdam.attach`` / ``torchdam.compact`` are the
+# functions, so ``import torchdam.attach as m`` gives the function, not the module.
+from torchdam.attach import UNIT_LAYERS, register_unit_layer
+from torchdam.compact import FOLDERS, register_folder
 from torchdam.count import count, latency
 from torchdam.serialize import load, save
 from torchdam.train import DAMPolicy, TrainConfig, Trainer, dam_param_groups
@@ -31,5 +36,6 @@ __all__ = [
     "ShapeError", "TorchDAMError", "TrainConfig", "Trainer", "UnsupportedLayerError", "attach",
     "compact", "count", "dam_param_groups", "detach", "gate_parameters", "latency", "load", "named_gates", "penalty",
     "save", "widths",
+    "FOLDERS", "UNIT_LAYERS", "register_folder", "register_unit_layer",
 ]
 __version__ = "0.1.0"

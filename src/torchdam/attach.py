@@ -40,6 +40,18 @@ UNIT_LAYERS: dict[type, tuple[str, int]] = {
     nn.BatchNorm1d: ("num_features", 1),
     nn.BatchNorm2d: ("num_features", 1),
     nn.BatchNorm3d: ("num_features", 1),
+    # Transposed convs (decoders, U-Nets): weight (in, out/groups, ...), units on dim 1.
+    nn.ConvTranspose1d: ("out_channels", 1),
+    nn.ConvTranspose2d: ("out_channels", 1),
+    nn.ConvTranspose3d: ("out_channels", 1),
+    # Per-channel norms, as hosts of the gate of the layer they follow (see FOLLOWING_NORMS).
+    nn.GroupNorm: ("num_channels", 1),
+    nn.InstanceNorm1d: ("num_features", 1),
+    nn.InstanceNorm2d: ("num_features", 1),
+    nn.InstanceNorm3d: ("num_features", 1),
+    # Token embeddings: units are the embedding features (last axis). Gated only when
+    # selected explicitly (by type or exact name), never by the default or a glob.
+    nn.Embedding: ("embedding_dim", -1),
 }
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 GATE_ATTR = "dam_gate"
@@ -57,14 +69,95 @@ class GateHook:
         """Restore what installing the hook changed on ``module`` (nothing by default)."""
 
 
-def _units(module: nn.Module) -> tuple[int, int]:
+#: What ``attach(model)`` gates when ``layers`` is not given: every Linear and every
+#: (transposed) convolution, except the model's output layer and grouped convolutions.
+DEFAULT_LAYERS: tuple[type, ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+
+#: Layers a name glob or a type selector other than their own never selects: they are not
+#: the weight layers a glob like ``"features.*"`` means (norms host the gate of the layer
+#: before them; embeddings are gated only by type or exact name).
+_EXPLICIT_ONLY: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.Embedding)
+
+#: norm type -> ``fn(norm, units)``: True when the norm normalises each of the ``units``
+#: on its own, so a gate may act after it (dead units stay exactly zero and can be removed
+#: from the layer, the norm and every consumer). A norm over all units together
+#: (``LayerNorm``, ``GroupNorm`` with fewer groups than channels) is not listed or returns
+#: False: the gate then stays on the layer's output, before the norm, and
+#: :func:`torchdam.compact` computes only the live units but scatters them back to full
+#: width for the norm, whose statistics need every unit.
+FOLLOWING_NORMS: dict[type, Callable[[nn.Module, int], bool]] = {
+    nn.BatchNorm1d: lambda m, n: m.num_features == n,
+    nn.BatchNorm2d: lambda m, n: m.num_features == n,
+    nn.BatchNorm3d: lambda m, n: m.num_features == n,
+    nn.InstanceNorm1d: lambda m, n: m.num_features == n,
+    nn.InstanceNorm2d: lambda m, n: m.num_features == n,
+    nn.InstanceNorm3d: lambda m, n: m.num_features == n,
+    nn.GroupNorm: lambda m, n: m.num_channels == n == m.num_groups,
+}
+
+
+def _grouped_conv_reason(module: nn.modules.conv._ConvNd) -> str | None:
+    if module.groups == 1:
+        return None
+    if module.groups == module.in_channels == module.out_channels:
+        return (f"it is a depthwise convolution (groups={module.groups}): each output channel is its "
+                "input channel's, so its units die with the layer producing its input; gate that layer "
+                "(compact then removes the same channels here)")
+    return (f"it is a grouped convolution (groups={module.groups}): DAM kills units from index 0 up, "
+            "which would leave its groups unequal; gate the layers around it instead")
+
+
+#: type -> ``fn(module)``: why this layer cannot carry a gate (``None``: it can). Default
+#: attach and globs skip such layers silently; an exact name raises with the reason.
+UNGATEABLE: dict[type, Callable[[nn.Module], str | None]] = {
+    nn.modules.conv._ConvNd: _grouped_conv_reason,
+}
+
+
+def _ungateable_reason(module: nn.Module) -> str | None:
     for cls in type(module).__mro__:
-        if cls in UNIT_LAYERS:
-            attr, axis = UNIT_LAYERS[cls]
-            return int(getattr(module, attr)), axis
-    raise AttachError(
-        f"cannot gate a {type(module).__name__}: its unit count is unknown; "
-        f"gate one of {', '.join(c.__name__ for c in UNIT_LAYERS)} or add it to torchdam.attach.UNIT_LAYERS"
+        if cls in UNGATEABLE:
+            return UNGATEABLE[cls](module)
+    return None
+
+
+def register_unit_layer(
+    layer_type: type,
+    units: str,
+    axis: int = 1,
+    *,
+    fold: Callable[[nn.Module, Tensor], None] | None = None,
+) -> None:
+    """Teach :func:`attach` to gate ``layer_type``: ``units`` names its attribute holding
+    the unit count and ``axis`` the units' axis in its output (1 for ``N, C, ...`` maps, -1
+    for features last). ``fold(module, g)`` scales its output units by ``g`` in place, so
+    that :func:`torchdam.compact` can fold the gate into it (else register one later with
+    :func:`torchdam.register_folder`). The gate is applied by a forward hook."""
+    UNIT_LAYERS[layer_type] = (units, axis)
+    if fold is not None:
+        from torchdam.compact import register_folder
+
+        register_folder(layer_type, fold)
+
+
+def _unit_rule(cls: type) -> tuple[str, int] | None:
+    return next((UNIT_LAYERS[c] for c in cls.__mro__ if c in UNIT_LAYERS), None)
+
+
+def _units(module: nn.Module) -> tuple[int, int]:
+    rule = _unit_rule(type(module))
+    if rule is not None:
+        return int(getattr(module, rule[0])), rule[1]
+    raise _cannot_gate(type(module))
+
+
+def _cannot_gate(cls: type, name: str | None = None) -> AttachError:
+    return AttachError(
+        f"cannot gate {'layer ' + repr(name) + ', ' if name else ''}a {cls.__name__}: its unit count is unknown; "
+        f"gate one of {', '.join(c.__name__ for c in UNIT_LAYERS)} or register it with "
+        "torchdam.register_unit_layer(type, units_attribute, axis)"
     )
 
 
@@ -161,19 +254,41 @@ def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str
     for i, (child_name, child) in enumerate(children[:-1]):
         if child_name == attr and child is module:
             nxt_name, nxt = children[i + 1]
-            if isinstance(nxt, _NORMS) and nxt.num_features == _units(module)[0]:
+            per_unit = next((FOLLOWING_NORMS[c] for c in type(nxt).__mro__ if c in FOLLOWING_NORMS), None)
+            if per_unit is not None and per_unit(nxt, _units(module)[0]):
                 return (f"{parent_name}.{nxt_name}" if parent_name else nxt_name), nxt
     return None
 
 
 def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if type(m) in UNIT_LAYERS and not isinstance(m, _NORMS)]
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) in UNIT_LAYERS and not isinstance(m, _EXPLICIT_ONLY)]
+
+
+def _selected_by(name: str, module: nn.Module, selectors: tuple[Selector, ...]) -> str | None:
+    """How ``selectors`` pick ``module``: ``"name"`` (an exact qualified name: must be
+    gateable), ``"glob"`` or ``"type"`` (pick the gateable layers among those matched), or None."""
+    how = None
+    for s in selectors:
+        if isinstance(s, type):
+            linear_like = s is nn.Linear and isinstance(module, tuple(LINEAR_LIKE))
+            if ((isinstance(module, s) or linear_like)
+                    and (not isinstance(module, _EXPLICIT_ONLY) or issubclass(s, _EXPLICIT_ONLY))):
+                how = how or "type"
+        elif isinstance(s, str):
+            if name == s:
+                return "name"
+            if any(c in s for c in "*?[") and fnmatch.fnmatchcase(name, s) and not isinstance(module, _EXPLICIT_ONLY):
+                how = "glob"
+        else:
+            raise ConfigError(f"layer selectors are nn.Module types or name globs, got {s!r}")
+    return how
 
 
 @dataclass(frozen=True)
 class Site:
     """Where one gate goes: ``name`` is the layer producing the units, ``host`` the module
-    whose output the gate scales (the producer, or the BatchNorm right after it), ``units``
+    whose output the gate scales (the producer, or the per-unit norm right after it), ``units``
     their number and ``axis`` their axis (``None``: dim 1 of ``N, C, ...``, else the last)."""
 
     name: str
@@ -187,7 +302,7 @@ class Site:
 
 def plan(
     model: nn.Module,
-    layers: Iterable[Selector] = (nn.Linear, nn.Conv2d),
+    layers: Iterable[Selector] = DEFAULT_LAYERS,
     exclude: Iterable[Selector] = (),
     *,
     include_output: bool = False,
@@ -211,9 +326,14 @@ def plan(
         raise AttachError("attach needs at least one layer type or name in `layers`")
     head_sites, not_by_type = attention.scan(model, heads)
     named = tuple(s for s in layers if isinstance(s, str))
+    for s in layers:  # a type selector naming a type we cannot gate is a mistake, not a filter
+        if (isinstance(s, type) and _unit_rule(s) is None and s not in attention.attention_types()
+                and any(isinstance(m, s) for m in model.modules())):
+            raise _cannot_gate(s)
     leaves = _leaf_layers(model)
     output_name = leaves[-1][0] if leaves else None
     sites: dict[str, Site] = {}
+    hosts: dict[str, str] = {}  # host name -> name of the layer whose gate it carries
     for name, module in model.named_modules():
         if name in head_sites:
             if _matches(name, module, exclude):
@@ -222,21 +342,34 @@ def plan(
                 raise AttachError(f"attention {name!r} already has a DAM gate; call torchdam.detach(model) first")
             sites[name] = head_sites[name]
             continue
-        if not name or not _matches(name, module, layers) or _matches(name, module, exclude):
+        how = _selected_by(name, module, layers) if name else None
+        if how is None or _matches(name, module, exclude):
             continue
         if name in not_by_type and not _matches(name, module, named):
             continue  # an attention projection, a residual-stream writer (torchdam.attention.NOT_GATED)
         if name == output_name and not include_output:
             continue
+        gateable = _unit_rule(type(module)) is not None
+        reason = _ungateable_reason(module) if gateable else None
+        if how != "name" and (not gateable or reason is not None or name in hosts):
+            continue  # globs and types pick the gateable layers among those they match
+        if not gateable:
+            raise _cannot_gate(type(module), name)
+        if reason is not None:
+            raise AttachError(f"cannot gate layer {name!r}: {reason}")
+        if name in hosts:
+            raise AttachError(f"layer {name!r} already carries the gate of {hosts[name]!r} (the gate acts "
+                              "after the norm that follows a gated layer); select only one of them")
         n, axis = _units(module)
         host, host_name = module, name
-        if after_norm and not isinstance(module, _NORMS):
+        if after_norm and not isinstance(module, _EXPLICIT_ONLY):
             found = _following_norm(model, name, module)
             if found is not None:
                 host_name, host = found
         if any(isinstance(getattr(m, GATE_ATTR, None), nn.Module) for m in (module, host)):
             raise AttachError(f"layer {name!r} already has a DAM gate; call torchdam.detach(model) first")
         sites[name] = Site(name, host_name, n, axis)
+        hosts[host_name] = name
     if not sites:
         what = ", ".join(s.__name__ if isinstance(s, type) else repr(s) for s in layers)
         raise AttachError(
@@ -250,7 +383,7 @@ def plan(
 
 def attach(
     model: nn.Module,
-    layers: Iterable[Selector] = (nn.Linear, nn.Conv2d),
+    layers: Iterable[Selector] = DEFAULT_LAYERS,
     exclude: Iterable[Selector] = (),
     *,
     include_output: bool = False,
@@ -286,11 +419,20 @@ def attach(
 
     Args:
         layers: module types and/or qualified names or globs (``"features.*"``) to gate.
+            Types and globs select the gateable layers among those they match (a glob
+            skips activations, pooling, norms and embeddings; both skip depthwise and
+            grouped convolutions, see :data:`UNGATEABLE`); an exact name must be gateable.
+            Default :data:`DEFAULT_LAYERS`: every Linear and (transposed) convolution.
+            ``nn.Embedding`` (units: the embedding features) is gated when named by type
+            or exact name. Other types: :func:`torchdam.register_unit_layer`.
         exclude: the same kinds of selectors, to skip.
         include_output: also gate the model's final output layer (the last Linear/Conv
             registered), which is skipped by default since its width is the task's.
-        after_norm: when a gated layer is directly followed by a BatchNorm over the same
-            units (the next registered sibling), the gate acts on that norm's output.
+        after_norm: when a gated layer is directly followed by a norm over each of the same
+            units on its own (the next registered sibling: BatchNorm, InstanceNorm,
+            GroupNorm with one channel per group; :data:`FOLLOWING_NORMS`), the gate acts on
+            that norm's output. Before a norm over all units together (LayerNorm,
+            GroupNorm(1)) it stays on the layer's output.
         gate, k, beta_init, alpha: passed to :class:`DAMGate`.
         make_gate: build another kind of gate per :class:`Site` instead (any module with a
             ``mask() -> (n,)`` and ``forward(x)``, e.g. :class:`torchdam.masks.FixedMask`):
@@ -309,6 +451,11 @@ def attach(
 
     Returns:
         ``{qualified name of the gated layer: gate}`` in registration order.
+
+    A depthwise convolution is never gated itself: its channels are those of the layer
+    feeding it, so gating that layer (an inverted residual's 1x1 expansion) lets
+    :func:`torchdam.compact` remove the same channels from the depthwise conv and its norm.
+    Raises :class:`AttachError` (changing nothing) when a selected layer already has a gate.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

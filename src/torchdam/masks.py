@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from torchdam.attach import GATE_ATTR, Selector, attach
+from torchdam.attach import DEFAULT_LAYERS, GATE_ATTR, Selector, attach
 from torchdam.compact import compact
 from torchdam.gates import DAMGate
 
@@ -53,7 +53,7 @@ def compact_masks(
     masks: dict[str, Tensor],
     example_inputs,
     *,
-    layers: Iterable[Selector] = (nn.Linear, nn.Conv2d),
+    layers: Iterable[Selector] = DEFAULT_LAYERS,
     exclude: Iterable[Selector] = (),
     min_width: int = 1,
 ) -> nn.Module:

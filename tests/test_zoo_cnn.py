@@ -1,0 +1,604 @@
+"""Compaction of CNN / RNN / LM families a new user would bring, written from scratch here
+(not the project's zoo): default ``attach``, a few real training steps with the penalty,
+mixed live/dead gates, ``compact`` under ``torch.no_grad()``, then the compacted model must
+equal the gated one on a fresh input and be strictly smaller in FLOPs and parameters."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import torchdam as dam
+from torchdam import AttachError, CompactionError, TorchDAMError
+from torchdam.compact import ScatterUnits, check_equivalent, default_rtol
+
+# ------------------------------------------------------------------ families (from scratch)
+
+def conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: type = nn.ReLU6) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation: nested Sequential (conv, BN, act)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = [] if expand == 1 else [conv_bn_act(cin, hidden, 1)]
+        layers += [conv_bn_act(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2ish(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_act(3, 8, 3, 2),
+            InvertedResidual(8, 8, 1, 1),      # expand 1: the depthwise conv reads the stem
+            InvertedResidual(8, 12, 2, 4),
+            InvertedResidual(12, 12, 1, 4),    # residual
+            conv_bn_act(12, 32, 1),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: 7x7 depthwise, channels-last LayerNorm, Linear MLP, layer scale, residual."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(0.5 * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtGNBlock(nn.Module):
+    """ConvNeXt block with GroupNorm(1) (layer norm over C, H, W) and 1x1 conv MLP."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.GroupNorm(1, dim)
+        self.pw1 = nn.Conv2d(dim, 4 * dim, 1)
+        self.act = nn.GELU()
+        self.pw2 = nn.Conv2d(4 * dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.pw2(self.act(self.pw1(self.norm(self.dwconv(x)))))
+
+
+class LayerNorm2d(nn.Module):
+    """ConvNeXt's own channels-first LayerNorm, written with tensor ops (no nn.LayerNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim)), eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self, classes: int = 10, dims: tuple[int, int] = (8, 16)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
+        self.stage1 = ConvNeXtBlock(dims[0])
+        self.down = nn.Sequential(nn.GroupNorm(1, dims[0]), nn.Conv2d(dims[0], dims[1], 2, stride=2))
+        self.stage2 = ConvNeXtGNBlock(dims[1])
+        self.norm = nn.LayerNorm(dims[1])
+        self.head = nn.Linear(dims[1], classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(self.norm(x.mean((-2, -1))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18ish(nn.Module):
+    def __init__(self, classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, width, 1))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 2 * width, 1))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(self.layer2(self.layer1(x))), 1))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet-BC layer: BN-ReLU-1x1 conv-BN-ReLU-3x3 conv, output concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv1(F.relu(self.norm1(x)))
+        return torch.cat([x, self.conv2(F.relu(self.norm2(y)))], 1)
+
+
+class DenseNetish(nn.Module):
+    def __init__(self, classes: int = 10, growth: int = 4) -> None:
+        super().__init__()
+        c = 8
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        layers: list[nn.Module] = []
+        for _ in range(2):
+            layers.append(DenseLayer(c, growth))
+            c += growth
+        self.block = nn.Sequential(*layers)
+        self.transition = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2))
+        self.norm = nn.BatchNorm2d(c // 2)
+        self.fc = nn.Linear(c // 2, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm(self.transition(self.block(self.stem(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UNetish(nn.Module):
+    """Two-level U-Net: ConvTranspose2d upsampling and skip concatenation; per-pixel logits."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.enc1 = double_conv(3, 8)
+        self.enc2 = double_conv(8, 16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec = double_conv(16, 8)
+        self.out = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        return self.out(self.dec(torch.cat([self.up(e2), e1], 1)))
+
+
+class AudioConv1d(nn.Module):
+    """M5-style raw-audio classifier: strided Conv1d + BN + ReLU + pooling stack."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, 8, 16, stride=4), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(8, 16, 3), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(16, 16, 3), nn.ReLU(),
+        )
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).mean(-1))
+
+
+class RNNClassifier(nn.Module):
+    """Sequence classifier: RNN over time, last step -> Linear -> ReLU -> Linear."""
+
+    def __init__(self, rnn: type, classes: int = 4) -> None:
+        super().__init__()
+        self.rnn = rnn(6, 12, batch_first=True)
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.fc2(F.relu(self.fc1(out[:, -1])))
+
+
+class TiedLM(nn.Module):
+    """Token LM whose output projection shares the embedding's weight (weight tying)."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8, hidden: int = 16, recurrent: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, dim, batch_first=True) if recurrent else None
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        if self.rnn is not None:
+            x = self.rnn(x)[0]
+        return self.head(self.fc2(F.relu(self.fc1(x))))
+
+
+# ------------------------------------------------------------------ the zoo test
+
+def images(size: int):
+    return lambda n, gen: torch.randn(n, 3, size, size, generator=gen)
+
+
+def tokens(n: int, gen: torch.Generator) -> Tensor:
+    return torch.randint(0, 20, (n, 5), generator=gen)
+
+
+def _shrank(module: nn.Module, attr: str, live: int) -> bool:
+    return getattr(module, attr) == live
+
+
+def check_mobilenet(small, widths):
+    # the 1x1 expansion is gated; its depthwise conv and that conv's BN lose the same channels
+    live = widths["features.2.conv.0.0"][0]
+    dw, bn = small.features[2].conv[1][0], small.features[2].conv[1][1]
+    assert dw.groups == dw.in_channels == dw.out_channels == bn.num_features == live < 32
+
+
+def check_convnext(small, widths):
+    assert small.stage1.pwconv1.out_features == small.stage1.pwconv2.module.in_features == widths["stage1.pwconv1"][0]
+    assert isinstance(small.stage1.pwconv2, ScatterUnits)  # joins the residual stream
+    assert small.stage2.pw1.out_channels == widths["stage2.pw1"][0]
+
+
+def check_resnet(small, widths):
+    assert small.layer1[0].conv1.out_channels == small.layer1[0].conv2.in_channels == widths["layer1.0.conv1"][0]
+
+
+def check_densenet(small, widths):
+    # dead channels of the concatenated stream leave it: the transition reads fewer
+    assert small.transition[2].in_channels < 16
+
+
+def check_unet(small, widths):
+    assert small.up.out_channels == widths["up"][0] < 8  # the ConvTranspose2d shrank
+    assert small.dec[0].in_channels == widths["up"][0] + widths["enc1.3"][0]  # through the skip concat
+
+
+def check_audio(small, widths):
+    assert small.features[0].out_channels == small.features[4].in_channels == widths["features.0"][0]
+
+
+def check_rnn(small, widths):
+    assert small.fc1.out_features == small.fc2.in_features == widths["fc1"][0]
+
+
+def check_tied_lm(small, widths):
+    assert small.head.weight is small.embed.weight  # still tied
+    assert small.fc1.out_features == widths["fc1"][0]
+
+
+FAMILIES = {
+    "mobilenet_v2": (MobileNetV2ish, images(32), check_mobilenet),
+    "convnext": (ConvNeXtish, images(32), check_convnext),
+    "resnet18": (ResNet18ish, images(32), check_resnet),
+    "densenet": (DenseNetish, images(16), check_densenet),
+    "unet": (UNetish, images(16), check_unet),
+    "audio_conv1d": (AudioConv1d, lambda n, gen: torch.randn(n, 1, 400, generator=gen), check_audio),
+    "lstm_classifier": (lambda: RNNClassifier(nn.LSTM), lambda n, gen: torch.randn(n, 7, 6, generator=gen), check_rnn),
+    "gru_classifier": (lambda: RNNClassifier(nn.GRU), lambda n, gen: torch.randn(n, 7, 6, generator=gen), check_rnn),
+    "tied_lm_mlp": (TiedLM, tokens, check_tied_lm),
+    "tied_lm_lstm": (lambda: TiedLM(recurrent=True), tokens, check_tied_lm),
+}
+
+
+def train_steps(model: nn.Module, inputs, steps: int = 3, lam: float = 0.5) -> None:
+    """A few SGD steps on random data and targets, with the DAM penalty."""
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        out = model(inputs(8, gen))
+        loss = F.mse_loss(out, torch.randn(out.shape, generator=gen)) + dam.penalty(model, lam)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def assert_same_outputs(gated: nn.Module, small: nn.Module, x: Tensor, rtol: float = 1e-5) -> None:
+    was_training = gated.training
+    gated.eval()
+    with torch.no_grad():
+        ref, out = gated(x), small(x)
+    gated.train(was_training)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    diff = (ref.float() - out.float()).abs().max().item()
+    assert diff <= rtol * max(1.0, ref.float().abs().max().item()), diff
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_compacts_exactly_under_no_grad_after_training(family):
+    make, inputs, check = FAMILIES[family]
+    torch.manual_seed(0)
+    model = make()
+    gates = dam.attach(model)  # the default selection
+    train_steps(model, inputs)
+    assert all(g.beta.item() < 1.0 for g in gates.values())  # the penalty pushed every beta down
+    for g in gates.values():
+        if g.n >= 4:
+            g.beta.data.fill_(-2.0)  # units j < 0.4 n dead, the others live
+    widths = dam.widths(model)
+    assert all(0 < live < n for live, n in widths.values() if n >= 4), widths
+    gen = torch.Generator().manual_seed(1)
+    example, fresh = inputs(4, gen), inputs(3, gen)
+    assert model.training
+    with torch.no_grad():
+        small = dam.compact(model, example)
+        assert not torch.is_grad_enabled()
+    assert model.training and torch.is_grad_enabled()
+    assert not any(isinstance(m, dam.DAMGate) for m in small.modules())
+    assert_same_outputs(model, small, fresh)
+    before, after = dam.count(model, fresh), dam.count(small, fresh)
+    assert after["flops"] < before["flops"] and after["params"] < before["params"], (before, after)
+    check(small, widths)
+
+
+# ------------------------------------------------------------------ modes, dtypes, errors
+
+def small_cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
+
+
+def gated_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = small_cnn()
+    bn = model[1]
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
+    for g in dam.attach(model).values():
+        g.beta.data.fill_(-2.0)
+    return model
+
+
+def test_compact_under_inference_mode_keeps_modes():
+    model = gated_cnn().eval()
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 8, 8)  # an inference tensor
+        small = dam.compact(model, x)
+        assert torch.is_inference_mode_enabled()
+    assert not model.training and torch.is_grad_enabled()
+    assert not any(p.is_inference() for p in small.parameters())  # usable outside inference mode
+    assert small[0].out_channels == dam.widths(model)["0"][0] < 8
+    assert_same_outputs(model, small, torch.randn(3, 3, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_compacts_within_the_dtype_tolerance(dtype):
+    model = gated_cnn().to(dtype)
+    x = torch.randn(4, 3, 8, 8).to(dtype)
+    small = dam.compact(model, x)
+    assert all(p.dtype == dtype for p in small.parameters())
+    assert small[0].out_channels < 8
+    assert default_rtol(dtype) == 16 * torch.finfo(dtype).eps
+    assert_same_outputs(model, small, torch.randn(3, 3, 8, 8).to(dtype), rtol=default_rtol(dtype))
+    model.eval()
+    with torch.no_grad():
+        wrong = [model(x) + 1]
+    with pytest.raises(CompactionError, match=str(dtype)) as err:  # the hint is about rounding ...
+        check_equivalent(small, wrong, x)
+    assert "BatchNorm" not in str(err.value) and "norm" not in str(err.value)  # ... not a norm
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.stem(x))
+        return self.head(F.relu(self.a(h) if x.shape[0] > 1 else self.b(h)))
+
+
+def test_gated_layer_not_reached_by_example_inputs_is_named():
+    model = Branchy()
+    for g in dam.attach(model).values():
+        g.beta.data.fill_(-2.0)
+    with pytest.raises(CompactionError, match="layer 'b' was not reached by example_inputs"):
+        dam.compact(model, torch.randn(2, 4))
+    assert "supports the input shapes" in dam.compact.__doc__
+
+
+def grouped_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.ReLU(),   # grouped
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),                       # depthwise
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def test_grouped_and_depthwise_convs_are_refused_by_name_and_skipped_by_default():
+    with pytest.raises(AttachError, match=r"layer '3'.*grouped convolution \(groups=4\)"):
+        dam.attach(grouped_net(), layers=("3",))
+    with pytest.raises(AttachError, match=r"layer '6'.*depthwise convolution"):
+        dam.attach(grouped_net(), layers=("6",))
+    torch.manual_seed(0)
+    model = grouped_net()
+    gates = dam.attach(model)
+    assert list(gates) == ["0"]
+    gates["0"].beta.data.fill_(-2.0)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        small = dam.compact(model, x)
+    # the grouped conv keeps its 8 inputs (uneven groups otherwise); conv 0 computes only its live units
+    assert small[3].in_channels == 8 and isinstance(small[1], ScatterUnits)
+    assert small[0].out_channels == dam.widths(model)["0"][0] < 8
+    assert_same_outputs(model, small, torch.randn(3, 3, 6, 6))
+
+
+def test_globs_skip_layers_that_cannot_be_gated_but_exact_names_do_not():
+    from torchdam.models import build_model
+
+    assert list(dam.attach(build_model("lenet5"), layers=("features.*",))) == ["features.0", "features.3"]
+    assert list(dam.attach(build_model("lenet300"), layers=("layers.*",))) == ["layers.1", "layers.3"]
+    with pytest.raises(AttachError, match="layer 'features.1'.*ReLU"):
+        dam.attach(build_model("lenet5"), layers=("features.1",))
+
+
+def test_attach_twice_raises_and_changes_nothing():
+    model = small_cnn()
+    dam.attach(model, layers=("3",))
+
+    def state(m):
+        return ({n: (tuple(mod._forward_hooks.values()), mod.__dict__.get("forward"), getattr(mod, "dam_gate", None))
+                 for n, mod in m.named_modules()}, list(m.state_dict()))
+
+    before = state(model)
+    with pytest.raises(AttachError, match="already has a DAM gate"):
+        dam.attach(model)  # would gate "0" first, then fails on "3"
+    assert state(model) == before
+    assert [n for n, _ in dam.named_gates(model)] == ["3"]
+
+
+def test_tied_embedding_gated_is_refused_naming_both_layers():
+    model = TiedLM()
+    dam.attach(model, layers=("embed", nn.Linear))
+    with pytest.raises(CompactionError, match=r"'embed' shares its weight with 'head' \(tied weights\)"):
+        dam.compact(model, torch.randint(0, 20, (2, 5)))
+
+
+class BagOfEmbeddings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(30, 12), nn.Linear(12, 10), nn.Linear(10, 3)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.head(F.relu(self.fc(self.embed(t).mean(1))))
+
+
+def test_embedding_is_gated_when_selected_explicitly():
+    torch.manual_seed(0)
+    assert list(dam.attach(BagOfEmbeddings())) == ["fc"]  # not by default ...
+    assert list(dam.attach(BagOfEmbeddings(), layers=("*",))) == ["fc"]  # ... nor by a glob
+    model = BagOfEmbeddings()
+    gates = dam.attach(model, layers=(nn.Embedding, nn.Linear))
+    assert list(gates) == ["embed", "fc"] and gates["embed"].axis == -1
+    for g in gates.values():
+        g.beta.data.fill_(-2.0)
+    t = torch.randint(0, 30, (4, 6))
+    small = dam.compact(model, t)
+    assert small.embed.embedding_dim == small.fc.in_features == dam.widths(model)["embed"][0] < 12
+    assert_same_outputs(model, small, torch.randint(0, 30, (3, 6)))
+
+
+@pytest.mark.parametrize("groups", [8, 2])
+def test_group_norm_after_a_gated_conv(groups):
+    """GroupNorm with one channel per group takes the gate like BN (its channels go);
+    over several channels per group the gate stays before it and the units are scattered."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(groups, 8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
+    gates = dam.attach(model)
+    gates["0"].beta.data.fill_(-2.0)
+    live = dam.widths(model)["0"][0]
+    small = dam.compact(model, torch.randn(2, 3, 4, 4))
+    if groups == 8:
+        assert gates["0"].host_name == "1"
+        assert small[1].num_channels == small[1].num_groups == small[3].in_channels == live
+    else:
+        assert gates["0"].host_name == "0"
+        assert isinstance(small[0], ScatterUnits) and small[0].module.out_channels == live
+        assert small[1].num_channels == 8
+    assert_same_outputs(model, small, torch.randn(3, 3, 4, 4))
+
+
+def test_rule_tables_are_reachable_from_the_package():
+    from torchdam.attach import UNIT_LAYERS
+    from torchdam.compact import FOLDERS
+
+    assert dam.UNIT_LAYERS is UNIT_LAYERS and dam.FOLDERS is FOLDERS
+    with pytest.raises(AttachError, match=r"torchdam\.register_unit_layer"):
+        dam.attach(nn.Sequential(nn.LSTM(3, 3)), layers=(nn.LSTM,), include_output=True)
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.width = 4
+
+        def forward(self, x: Tensor) -> Tensor:
+            return 2 * x
+
+    dam.register_unit_layer(Scale, "width", -1)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Linear(4, 2))
+        assert list(dam.attach(model, layers=(Scale,))) == ["1"]
+        with pytest.raises(TorchDAMError, match=r"'1'.*torchdam\.register_folder"):
+            dam.compact(model, torch.randn(2, 3))
+    finally:
+        del dam.UNIT_LAYERS[Scale]
+
+
+class ChannelMeanNorm(nn.Module):
+    """Divides by the mean over channels: removing a zero channel changes every other one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / (1 + x.abs().mean(1, keepdim=True))
+
+
+def test_units_mixed_by_an_op_the_graph_takes_for_channelwise_are_scattered_back():
+    """Torch-Pruning treats the mean over channels as elementwise; the check catches it and
+    the layer feeding it computes only its live units, scattered back to full width."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), ChannelMeanNorm(),
+                          nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 16, 2))
+    for g in dam.attach(model).values():
+        g.beta.data.fill_(-2.0)
+    small = dam.compact(model, torch.randn(2, 3, 6, 6))
+    assert isinstance(small[2], ScatterUnits) and small[2].module.out_channels < 8
+    assert small[0].out_channels < 8 and small[5].out_channels < 4  # the others still lose theirs
+    assert_same_outputs(model, small, torch.randn(3, 3, 6, 6))
+
+
+def test_inexact_compaction_names_the_gated_layer_at_fault():
+    from torchdam.compact import FOLDERS
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    for g in dam.attach(model).values():
+        g.beta.data.fill_(-2.0)
+    fold = FOLDERS[nn.Linear]
+    dam.register_folder(nn.Linear, lambda module, g: None if module.out_features == 8 and module.in_features == 8
+                        else fold(module, g))  # a broken rule: layer '2' keeps its dead units' values
+    try:
+        with pytest.raises(CompactionError, match=r"folding the gate of layer '2' into '2' \(Linear\)"):
+            dam.compact(model, torch.randn(3, 4))
+    finally:
+        dam.register_folder(nn.Linear, fold)

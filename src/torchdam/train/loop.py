@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from torchdam import distributed
 from torchdam.attach import gate_parameters, named_gates, penalty
+from torchdam.budget import Budget, budget_from_config, warn_if_nothing_removed
 from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from torchdam.train.config import RESUMABLE_CHANGES, TrainConfig, lr_factor
@@ -160,6 +161,8 @@ class Trainer:
         device: where the model and batches live.
         extra_penalty: ``extra_penalty(model)`` -> scalar added to every step's loss (e.g. a
             baseline's sparsity term: L1 on BatchNorm scales, an expected-L0 count).
+        budget: a :class:`torchdam.Budget` (or ``config.target_flops``/``target_params``):
+            train to that size instead of with ``lam`` (see :mod:`torchdam.budget`).
 
     Under ``torchrun`` (see :mod:`torchdam.distributed`) the model is trained in DDP and
     only rank 0 writes files.
@@ -173,6 +176,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
         extra_penalty: Callable[[nn.Module], Tensor] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
@@ -183,6 +187,9 @@ class Trainer:
         self.extra_penalty = extra_penalty
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.gates = dict(named_gates(model))
+        if budget is not None and budget_from_config(config) is not None:
+            raise ConfigError("give the target once: either Trainer(budget=...) or TrainConfig(target_...)")
+        self.budget = budget if budget is not None else budget_from_config(config)
         self.optimizer = build_optimizer(model, config)
         lambdas = [lambda e: lr_factor(config, e)]
         if self.gates:
@@ -236,6 +243,8 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+        if self.gates and self.budget is None:
+            warn_if_nothing_removed(self.model)
         return self.records
 
     def _run_epoch(self, epoch: int, train_loader: Iterable, val_loader: Iterable | None,
@@ -260,6 +269,8 @@ class Trainer:
             record[f"beta/{name}"] = gate.beta.item()
         for name, gate in self.gates.items():
             record[f"width/{name}"] = int(gate.active())
+        if self.budget is not None:
+            record.update(self.budget.record())
         distributed.check_same({name: gate.beta for name, gate in self.gates.items()})
         return record
 
@@ -300,9 +311,11 @@ class Trainer:
                    disable=None if self.config.progress else True)
         for step, batch in enumerate(bar, start=position.step_in_epoch):
             x, y = (t.to(self.device, non_blocking=True) for t in _split_batch(batch))
+            if self.budget is not None and not self.budget.bound:
+                self._bind_budget(x, total_steps)
             out = self._net(x)
             loss = self.loss_fn(out, y)
-            total = loss + penalty(self.model, self.config.lam) if self.gates else loss
+            total = loss + penalty(self.model, self.config.lam) if self.gates and self.budget is None else loss
             if self.extra_penalty is not None:
                 total = total + self.extra_penalty(self.model)
             self.optimizer.zero_grad(set_to_none=True)
@@ -310,6 +323,8 @@ class Trainer:
             for b in frozen:
                 b.grad = None
             self.optimizer.step()
+            if self.budget is not None:
+                self.budget.step()  # owns the betas: rewrites them after the optimizer's step
             tally.add(loss, out, y)
             position.step_in_epoch, position.global_step = step + 1, position.global_step + 1
             every = self.config.checkpoint_every
@@ -325,6 +340,13 @@ class Trainer:
         bar.close()
         return tally.result("training")
 
+    def _bind_budget(self, x: Tensor, steps_per_epoch: int | None) -> None:
+        if steps_per_epoch is None:
+            raise ConfigError("a size target needs a training loader with a length (len(loader)) "
+                              "to plan its schedule")
+        self.budget.bind(self.model, x[:1], total_steps=self.config.epochs * steps_per_epoch,
+                         start_step=self.config.cold_start * steps_per_epoch)
+
     def _postfix(self, tally: _Tally) -> dict:
         postfix = {"loss": f"{tally.loss.item() / tally.seen:.4f}"}
         if tally.classifies:
@@ -332,6 +354,8 @@ class Trainer:
         if self.gates:
             width = torch.stack([g.active() / g.n for g in self.gates.values()]).mean()
             postfix["width"] = f"{width.item():.3f}"
+        if self.budget is not None and self.budget.bound:
+            postfix[self.budget.metric] = self.budget.postfix()
         return postfix
 
     @torch.no_grad()
@@ -415,6 +439,8 @@ class Trainer:
                 "best": {"acc": self.best_val_acc, "loss": self.best_val_loss, "epoch": self.best_epoch},
                 "records": self.records,
             }
+            if self.budget is not None:
+                state["budget"] = self.budget.state_dict()
             try:
                 save_checkpoint(state, self.checkpoint_dir)
             except CheckpointError as err:
@@ -455,6 +481,8 @@ class Trainer:
             raise CheckpointError(f"{self.best_path}: missing, but the checkpoint {path} refers to it; "
                                   "resume in the run's own output folder")
         self.records = list(state["records"])
+        if self.budget is not None and "budget" in state:
+            self.budget.load_state_dict(state["budget"])
         set_rng_state(state["rng"])
 
     def _open_log(self) -> RunLog | None:

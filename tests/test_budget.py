@@ -353,3 +353,24 @@ def test_cli_lambda_run_that_removes_nothing_says_what_to_change(tmp_path, capsy
     assert captured.out.strip().splitlines()[-1] == (
         "torchdam: no unit was removed: raise --lam or --beta-lr, or give --target-flops")
     assert "no unit was removed" not in captured.err  # said once, in the CLI's words
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch built without gloo")
+def test_prune_with_a_target_under_torchrun(tmp_path):
+    """Two DDP ranks: the betas' task gradients are all-reduced, so every rank's budget takes
+    the same steps (the Trainer checks the betas are bit-identical each epoch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("torchdam")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+         str(exe), "prune", "--target-flops", "0.33", "--limit", "1024", "--epochs", "2", "--latency-repeats", "2",
+         "--no-progress", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["budget"]["ok"]
+    assert 0.33 * (1 - TOLERANCE) <= report["budget"]["reached"] <= 0.33

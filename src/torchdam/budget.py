@@ -305,21 +305,24 @@ class WidthModel:
     # -- evaluating
 
     def side_widths(self, live: Tensor) -> Tensor:
-        """Width of every traced module side for these live counts."""
+        """Width of every traced module side for these live counts (``live``: ``(G,)`` or
+        a batch ``(B, G)``)."""
         live = live.to(torch.float64)
-        masked = torch.where(self._member, live.unsqueeze(0), torch.full_like(self._member, -math.inf, dtype=torch.float64))
-        seg_live = masked.amax(1) if masked.numel() else masked.sum(1)
+        masked = torch.where(self._member, live.unsqueeze(-2), torch.tensor(-math.inf, dtype=torch.float64))
+        seg_live = masked.amax(-1) if self._member.shape[0] else masked.sum(-1)
         removed = self._seg_mult * (self._seg_n - seg_live)
-        return self._side_n - torch.zeros_like(self._side_n).index_add(0, self._seg_side, removed)
+        base = self._side_n.expand(*live.shape[:-1], -1)
+        return base - torch.zeros_like(base).index_add(-1, self._seg_side, removed)
 
     def cost(self, live: Tensor, metric: str = "flops") -> Tensor:
-        """The compacted model's FLOPs (per sample of ``example_inputs``) or parameters."""
+        """The compacted model's FLOPs (per sample of ``example_inputs``) or parameters
+        (a batch ``(B, G)`` of live counts gives ``(B,)``)."""
         if metric not in METRICS:
             raise ConfigError(f"unknown budget metric {metric!r}; choose one of: {', '.join(METRICS)}")
         ratio = self.side_widths(live) / self._side_n
-        ratio = torch.cat([ratio, ratio.new_ones(1)])  # index -1: no gate on that side
+        ratio = torch.cat([ratio, ratio.new_ones(*ratio.shape[:-1], 1)], -1)  # index -1: no gate on that side
         cost, out_i, in_i = self._terms[metric]
-        return self._rest[metric] + (cost * ratio[out_i] * ratio[in_i]).sum()
+        return self._rest[metric] + (cost * ratio[..., out_i] * ratio[..., in_i]).sum(-1)
 
     def relative(self, live: Tensor, metric: str = "flops") -> Tensor:
         return self.cost(live, metric) / self.dense[metric]
@@ -439,15 +442,18 @@ class Budget:
                               f"start) leaves none of the {total_steps} steps; shorten the cold start")
         self.model = unwrap(model)
         self.gates = [g for _, g in named_gates(self.model)]
+        fixed = [name for name, g in named_gates(self.model) if type(g).mask is not DAMGate.mask]
+        if fixed:
+            raise ConfigError(f"a budget drives DAM gates (beta); {', '.join(fixed)} have fixed or other masks")
         self.width_model = wm = WidthModel(self.model, example_inputs)
         self.total, self.start = int(total_steps), int(start_step)
         self.reach = min(self.total, self.start + max(1, round(self.reach_at * (self.total - self.start))))
-        ref = self.gates[0].beta
         self._n = torch.tensor([g.n for g in self.gates], dtype=torch.float64)
         self._k = torch.tensor([g.k for g in self.gates], dtype=torch.float64)
         self._lo = self._k * (1.5 / self._n - 1.0)  # one unit live
         self._hi = self._k / (2.0 * self._n)        # every unit live, as near the edge as can be
-        self.floor = wm.floor(self.metric)
+        mins = torch.tensor([float(self.allowed(g.n)[0]) for g in self.gates], dtype=torch.float64)
+        self.floor = float(wm.relative(mins, self.metric))  # every gated layer at its fewest units
         self.unreachable = self.floor > self.target
         if self._pending is not None:
             state, self._pending = self._pending, None
@@ -463,7 +469,6 @@ class Budget:
             self.eta = float((1.0 - min(self.target, 1.0)) / span / max(float((s * d).sum()), 1e-12))
             if self.target >= 1.0:
                 self.eta = 0.0
-        self._device = ref.device
         self.bound = True
         return self
 
@@ -504,7 +509,7 @@ class Budget:
         """The model's cost now, relative to dense: from the exact live counts, or (``smooth``)
         the live counts interpolated within a unit, which the controller follows."""
         if smooth:
-            live = _continuous_live(self._betas(), self._n, self._k)
+            live = _continuous_live(self._shadow, self._n, self._k)
         else:
             live = torch.tensor([float(g.active()) for g in self.gates], dtype=torch.float64)
         return float(self.width_model.relative(live, self.metric))
@@ -605,8 +610,8 @@ class Budget:
             if best is None:
                 break
             live = best[1]
-        # 3. still short of the target by more than half the tolerance: trade units
-        #    between two layers (one step up on one, one down on another) while it gets closer
+        # 3. still short of the target by more than half the tolerance (coarse units): trade
+        #    units between two layers while that gets closer
         live = self._trade(live, allowed, rel)
         self._write(self._shadow)
         betas = self._shadow.clone()
@@ -626,52 +631,48 @@ class Budget:
 
     def _trade(self, live: list[int], allowed: list[list[int]], rel) -> list[int]:
         """Trade units between two layers while the cost gets closer to the target from
-        below: for a pair (i, j), a count of i with the most of j that fits. Of the trades
-        that land within half the tolerance, the one changing the widths least wins; if
-        none does, the closest. Few gates (<= 12): every count of i; more: one step up."""
-        cost = rel(live)
-        wide = len(allowed) <= 12
+        below: for a pair (i, j), a nearby count of i (up to 8 allowed steps either way;
+        with more than 12 gates one step up) with the most of j that fits. Of the trades landing within half the tolerance, the
+        one changing the widths least wins; if none does, the closest."""
+        wm, cost = self.width_model, rel(live)
         band = self.target * (1.0 - TOLERANCE / 2)
-        n = self._n.tolist()
+        n = self._n
         for _ in range(20):
             if cost >= band:
                 break
             closest, least = None, None
             for i, values_i in enumerate(allowed):
-                options = [v for v in values_i if v != live[i]] if wide else [v for v in values_i if v > live[i]][:1]
+                at = max(k for k, v in enumerate(values_i) if v <= live[i])
+                if len(allowed) <= 12:
+                    options = [v for v in values_i[max(0, at - 8):at + 9] if v != live[i]]
+                else:  # many gates: their units are fine enough for one step up on i
+                    options = values_i[at + 1:at + 2]
                 for v in options:
                     for j, values_j in enumerate(allowed):
                         if j == i:
                             continue
-                        trial = live.copy()
-                        trial[i] = v
-                        fit = self._most(trial, j, values_j, rel)
-                        if fit is None or fit[0] <= cost:
+                        trials = torch.tensor(live, dtype=torch.float64).repeat(len(values_j), 1)
+                        trials[:, i] = v
+                        trials[:, j] = torch.tensor(values_j, dtype=torch.float64)
+                        costs = wm.relative(trials, self.metric)
+                        fits = (costs <= self.target).nonzero().flatten()
+                        if not len(fits):
                             continue
-                        if closest is None or fit[0] > closest[0]:
-                            closest = fit
-                        if fit[0] >= band:
-                            change = sum(abs(a - b) / m for a, b, m in zip(fit[1], live, n))
+                        k = int(fits[costs[fits].argmax()])
+                        c = float(costs[k])
+                        if c <= cost:
+                            continue
+                        trial = [int(x) for x in trials[k].tolist()]
+                        if closest is None or c > closest[0]:
+                            closest = (c, trial)
+                        if c >= band:
+                            change = float(((trials[k] - torch.tensor(live, dtype=torch.float64)).abs() / n).sum())
                             if least is None or change < least[0]:
-                                least = (change, fit)
+                                least = (change, (c, trial))
             if closest is None:
                 break
             cost, live = least[1] if least is not None else closest
         return live
-
-    def _most(self, live: list[int], j: int, values: list[int], rel) -> tuple[float, list[int]] | None:
-        """The largest allowed count of gate ``j`` keeping the cost <= target (bisection)."""
-        lo, hi, found = 0, len(values) - 1, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            trial = live.copy()
-            trial[j] = values[mid]
-            c = rel(trial)
-            if c <= self.target:
-                found, lo = (c, trial), mid + 1
-            else:
-                hi = mid - 1
-        return found
 
     # -- reporting and checkpoints
 

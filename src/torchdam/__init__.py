@@ -1,15 +1,17 @@
 """torchdam: DiscriminAtive Masking (DAM) for PyTorch.
 
     import torchdam as dam
-    gates = dam.attach(model)                       # gate every Linear/Conv2d but the head
+    gates = dam.attach(model)                       # gate Linear/conv units and attention heads
     loss = task_loss + dam.penalty(model, lam)      # lam * mean(beta)
     small = dam.compact(model, example_inputs)      # physically smaller, same outputs
+    dam.Trainer(model, dam.TrainConfig(target_flops=0.33))  # or say the size you want
 
 Your own training loop: ``dam.dam_param_groups`` (the betas' own optimizer group) and
 ``dam.DAMPolicy`` (penalty, cold start); or ``dam.Trainer``, ``torchdam.lightning`` and
 ``torchdam.hf`` callbacks, which use the same policy.
 """
 from torchdam.attach import attach, detach, gate_parameters, named_gates, penalty, widths
+from torchdam.budget import Budget
 from torchdam.compact import compact
 # Per-layer rule tables and their registrars. Reach them here (or with
 # ``from torchdam.attach import ...``): ``torchdam.attach`` / ``torchdam.compact`` are the
@@ -32,7 +34,7 @@ from torchdam.errors import (
 from torchdam.gates import DAMGate
 
 __all__ = [
-    "AttachError", "CheckpointError", "CompactionError", "ConfigError", "DAMGate", "DAMPolicy", "DataError",
+    "AttachError", "Budget", "CheckpointError", "CompactionError", "ConfigError", "DAMGate", "DAMPolicy", "DataError",
     "ShapeError", "TorchDAMError", "TrainConfig", "Trainer", "UnsupportedLayerError", "attach",
     "compact", "count", "dam_param_groups", "detach", "gate_parameters", "latency", "load", "named_gates", "penalty",
     "save", "widths",

@@ -56,6 +56,14 @@ def prune(
                                          help="also checkpoint every N steps (0: at each epoch's end only)"),
     resume: Optional[Path] = typer.Option(
         None, help="continue the killed or interrupted run in this folder (its outputs go there too)"),
+    target_flops: Optional[float] = typer.Option(
+        None, help="train to this fraction of the dense model's FLOPs (e.g. 0.33); --lam/--beta-lr are then unused"),
+    target_params: Optional[float] = typer.Option(
+        None, help="train to this fraction of the dense model's parameters"),
+    reach_at: float = typer.Option(0.65, help="with a target: fraction of the steps by which it is reached (then held)"),
+    penalty: Optional[str] = typer.Option(
+        None, help="cost (each layer pulled by what its units cost; default with a target) or uniform (the paper's mean)"),
+    round_to: int = typer.Option(1, help="with a target: every compacted width a multiple of N"),
 ) -> None:
     """Train with DAM gates, compact, and report accuracy, widths, params, FLOPs, latency.
 
@@ -72,7 +80,8 @@ def prune(
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
             weight_decay=weight_decay, beta_lr=beta_lr, lam=lam, cold_start=cold_start,
             schedule=schedule, milestones=tuple(milestones), seed=seed, progress=progress,
-            checkpoint_every=checkpoint_every),
+            checkpoint_every=checkpoint_every, target_flops=target_flops, target_params=target_params,
+            reach_at=reach_at, penalty=penalty, round_to=round_to),
     )
     try:
         report = run(job)
@@ -83,6 +92,8 @@ def prune(
         return
     typer.echo(format_report(report))
     typer.echo(f"wrote {job.out_dir}/: report.md, report.json, log.jsonl, widths.png, history.png, compacted/")
+    if report.get("message"):  # a target not reached, or a lambda run that removed nothing: the last line
+        typer.echo(f"torchdam: {report['message']}")
 
 
 @app.command()

@@ -5,8 +5,12 @@ number in the returned report is measured here, on the model that actually runs.
 """
 from __future__ import annotations
 
+import copy
 import json
+import statistics
 import tempfile
+import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,9 +21,10 @@ from torch.utils.data import DataLoader
 
 from torchdam import distributed, serialize
 from torchdam.atomic import write_atomic
-from torchdam.attach import attach, warn_dead_layers, widths
+from torchdam.attach import attach, detach, warn_dead_layers, widths
+from torchdam.budget import nothing_removed_message
 from torchdam.compact import compact
-from torchdam.count import profile
+from torchdam.count import count
 from torchdam.data import DATASETS, load_dataset
 from torchdam.errors import CheckpointError, ConfigError, TorchDAMError
 from torchdam.models import MODELS, build_model
@@ -78,6 +83,47 @@ def _selectors(names: tuple[str, ...]) -> tuple:
     return tuple(LAYER_TYPES.get(n, n) for n in names)
 
 
+def _interleaved(fns: dict, blocks: int, seconds: float) -> dict[str, list[float]]:
+    """Seconds per call of each function in ``blocks`` blocks of about ``seconds`` each,
+    the order alternating between blocks (as ``benchmarks/perf.py``), so that load on a
+    shared machine hits both sides of every pair alike."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, round(seconds / max(time.perf_counter() - start, 1e-7)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for b in range(blocks):
+        for name in names if b % 2 == 0 else names[::-1]:
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - start) / n)
+    return times
+
+
+def paired_latency(dense: nn.Module, small: nn.Module, sample: torch.Tensor, batch_sizes=(1, 64),
+                   blocks: int = 30, seconds: float = 0.01) -> tuple[dict, dict, dict]:
+    """Median ms per forward of ``dense`` and ``small`` at each batch size, timed in
+    interleaved pairs of blocks, and the speed-up: the median of the per-pair ratios with
+    their quartiles (the spread)."""
+    before, after, speedup = {}, {}, {}
+    dense.eval(), small.eval()
+    for b in batch_sizes:
+        x = sample.expand(b, *sample.shape[1:]).contiguous()
+        with torch.inference_mode():
+            times = _interleaved({"dense": lambda: dense(x), "small": lambda: small(x)}, blocks, seconds)
+        ratios = sorted(d / s for d, s in zip(times["dense"], times["small"], strict=True))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        before[f"latency_ms_b{b}"] = 1000.0 * statistics.median(times["dense"])
+        after[f"latency_ms_b{b}"] = 1000.0 * statistics.median(times["small"])
+        speedup[f"b{b}"] = {"median": statistics.median(ratios), "p25": q[0], "p75": q[2], "pairs": len(ratios)}
+    return before, after, speedup
+
+
 def run(job: PruneJob) -> dict | None:
     """Train single-stage, compact, evaluate and measure; writes everything to ``out_dir``.
 
@@ -97,7 +143,9 @@ def run(job: PruneJob) -> dict | None:
     shard = distributed.sampler(splits.train, shuffle=True, seed=job.train.seed)
     train = DataLoader(splits.train, batch_size=job.train.batch_size, sampler=shard, shuffle=shard is None)
     trainer = Trainer(model, job.train, out_dir=out, device=device)
-    trainer.fit(train, DataLoader(splits.val, batch_size=1000), resume=out if job.resume else None)
+    with warnings.catch_warnings():  # the job says it in the CLI's own words, as its last line
+        warnings.filterwarnings("ignore", message="no unit was removed")
+        trainer.fit(train, DataLoader(splits.val, batch_size=1000), resume=out if job.resume else None)
     main, world_size = distributed.is_main_process(), distributed.world_size()
     distributed.shutdown()  # compaction and measurement run on rank 0 alone
     if not main:
@@ -115,8 +163,11 @@ def run(job: PruneJob) -> dict | None:
     gated_eval, small_eval = evaluator.evaluate(test), evaluator.evaluate(test, model=small)
     if gated_eval["acc"] != small_eval["acc"]:
         raise TorchDAMError(f"compacted accuracy {small_eval['acc']} differs from gated {gated_eval['acc']}")
-    before = profile(model, sample, repeats=job.latency_repeats)
-    after = profile(small, sample, repeats=job.latency_repeats)
+    dense = detach(copy.deepcopy(model))  # the model without gates: what a user had before
+    before, after = count(model, sample), count(small, sample)
+    timed_before, timed_after, speedup = paired_latency(dense, small, sample, blocks=job.latency_repeats)
+    before.update(timed_before)
+    after.update(timed_after)
     layer_widths = widths(model)
     report = {
         "model": job.model,
@@ -136,7 +187,15 @@ def run(job: PruneJob) -> dict | None:
         "config": {**asdict(job.train), "gate": job.gate, "model": job.model, "data": job.data},
         "train_seconds": sum(r["seconds"] for r in trainer.records),
         "world_size": world_size,
+        "speedup": speedup,
     }
+    budget = trainer.budget
+    if budget is not None:
+        reached = after[budget.metric] / before[budget.metric]
+        report["budget"] = budget.summary(reached)
+        report["message"] = budget.message(reached)
+    else:
+        report["message"] = nothing_removed_message(model, cli=True)
     # the gated model that was compacted, so its predictions can be checked against the reload
     gated_state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     write_atomic(out / "gated.safetensors", lambda tmp: save_file(gated_state, str(tmp)), "the gated model")
@@ -147,6 +206,6 @@ def run(job: PruneJob) -> dict | None:
     from torchdam.cli import report as report_module  # matplotlib is only needed here
 
     report_module.plot_widths(layer_widths, out / "widths.png")
-    report_module.plot_history(trainer.records, out / "history.png")
+    report_module.plot_history(trainer.records, out / "history.png", budget=report.get("budget"))
     write_atomic(out / "report.md", report_module.format_report(report), "the report")
     return report

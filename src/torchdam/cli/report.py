@@ -24,6 +24,7 @@ def format_report(r: dict) -> str:
         "",
         f"test accuracy  gated {100 * r['test_acc_gated']:.2f}%  ->  compacted {100 * r['test_acc_compacted']:.2f}%",
         f"gated units    {kept}/{total} kept ({100 * (1 - kept / total):.1f}% removed)",
+        *_budget_lines(r),
         "",
         "| layer | active / total |",
         "|---|---|",
@@ -34,10 +35,33 @@ def format_report(r: dict) -> str:
         f"| params | {b['params']:,} | {a['params']:,} | {_ratio(b['params'], a['params'])} |",
         f"| FLOPs / sample | {b['flops']:,} | {a['flops']:,} | {_ratio(b['flops'], a['flops'])} |",
     ]
+    speedup = r.get("speedup", {})
     for key in sorted(k for k in b if k.startswith("latency_ms_b")):
         batch = key.removeprefix("latency_ms_b")
-        lines.append(f"| latency batch {batch} (median ms) | {b[key]:.3f} | {a[key]:.3f} | {_ratio(b[key], a[key])} |")
+        pair = speedup.get(f"b{batch}")
+        if pair is not None:  # interleaved pairs: median of per-pair ratios, with the quartiles
+            ratio = f"{pair['median']:.2f}x (IQR {pair['p25']:.2f}-{pair['p75']:.2f}, {pair['pairs']} pairs)"
+            lines.append(f"| latency batch {batch} (median ms, interleaved) | {b[key]:.3f} | {a[key]:.3f} | {ratio} |")
+        else:
+            lines.append(f"| latency batch {batch} (median ms) | {b[key]:.3f} | {a[key]:.3f} | {_ratio(b[key], a[key])} |")
+    if speedup:
+        lines += ["", "Latency: dense (gates removed) and compacted forwards timed in alternating blocks; "
+                  "ratio = median over pairs of dense/compacted."]
+    if r.get("message"):
+        lines += ["", f"**{r['message']}**"]
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(r: dict) -> list[str]:
+    """``target vs reached`` for a budget run."""
+    b = r.get("budget")
+    if not b:
+        return []
+    what = "FLOPs" if b["metric"] == "flops" else "params"
+    off = 100 * (b["reached"] / b["target"] - 1)
+    verdict = "within +-3%" if b["ok"] else "NOT within +-3%"
+    return [f"budget         {what} target {100 * b['target']:.1f}% of dense -> reached {100 * b['reached']:.1f}% "
+            f"({off:+.1f}%, {verdict}; {b['penalty']} penalty, held from step {b['reach_step']} of {b['total_steps']})"]
 
 
 def plot_widths(widths: dict[str, tuple[int, int]], path: Path) -> None:
@@ -55,11 +79,16 @@ def plot_widths(widths: dict[str, tuple[int, int]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(records: list[dict], path: Path) -> None:
-    """Beta and active width of every gate, per epoch."""
+def plot_history(records: list[dict], path: Path, budget: dict | None = None) -> None:
+    """Beta and active width of every gate, per epoch; with a budget, also the model's
+    cost (relative to dense) per step against the schedule and the target."""
     epochs = [r["epoch"] for r in records]
     gates = [k.split("/", 1)[1] for k in records[0] if k.startswith("beta/")] if records else []
-    fig, (ax_beta, ax_width) = plt.subplots(1, 2, figsize=(9, 3.5))
+    if budget:
+        fig, (ax_beta, ax_width, ax_cost) = plt.subplots(1, 3, figsize=(13.5, 3.5))
+        _plot_budget(ax_cost, budget, records)
+    else:
+        fig, (ax_beta, ax_width) = plt.subplots(1, 2, figsize=(9, 3.5))
     for g in gates:
         ax_beta.plot(epochs, [r[f"beta/{g}"] for r in records], label=g)
         ax_width.plot(epochs, [r[f"width/{g}"] for r in records], label=g)
@@ -70,3 +99,18 @@ def plot_history(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "a plot")
     plt.close(fig)
+
+
+def _plot_budget(ax, budget: dict, records: list[dict]) -> None:
+    what = "FLOPs" if budget["metric"] == "flops" else "params"
+    trace = budget.get("trace") or []
+    steps_per_epoch = budget["total_steps"] / max(1, len(records))
+    if trace:
+        x = [t[0] / steps_per_epoch for t in trace]
+        ax.plot(x, [t[1] for t in trace], label=f"{what} (width model)")
+        ax.plot(x, [t[2] for t in trace], "--", label="schedule")
+    ax.axhline(budget["target"], color="red", lw=0.8, label=f"target {budget['target']:.3f}")
+    ax.axvline(budget["reach_step"] / steps_per_epoch, color="grey", lw=0.8, ls=":", label="widths frozen")
+    ax.plot([len(records)], [budget["reached"]], "o", color="black", label=f"compacted {budget['reached']:.3f}")
+    ax.set(xlabel="epoch", ylabel=f"{what} / dense", title=f"{what} vs target", ylim=(0, 1.05))
+    ax.legend(fontsize="small")

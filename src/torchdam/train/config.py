@@ -67,6 +67,16 @@ class TrainConfig:
     log_format: str = "jsonl"
     #: Also checkpoint every this many optimizer steps (0: only at each epoch's end).
     checkpoint_every: int = 0
+    #: Budget mode (:mod:`torchdam.budget`): train to this fraction of the dense model's
+    #: FLOPs or parameters (give one); ``lam`` and ``beta_lr`` are then not used.
+    target_flops: float | None = None
+    target_params: float | None = None
+    #: Fraction of the steps by which the target is reached (then the widths freeze).
+    reach_at: float = 0.65
+    #: ``"cost"`` (default with a target) or ``"uniform"`` (the paper's mean(beta)).
+    penalty: str | None = None
+    #: Snapped widths are multiples of this (budget mode).
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -98,6 +108,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from torchdam.budget import check_config  # the budget options are checked where they are used
+
+        check_config(self)
 
 
 def lr_factor(config: TrainConfig, epoch: int) -> float:

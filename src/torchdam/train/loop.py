@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from torchdam import distributed
 from torchdam.atomic import write_atomic
 from torchdam.attach import named_gates
+from torchdam.budget import Budget, budget_from_config, warn_if_nothing_removed
 from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from torchdam.train.batch import ForwardFn, batch_size, default_forward, to_device
@@ -119,6 +120,10 @@ class _Position:
         self.tally: dict | None = None
 
 
+class _ModelInputs(Exception):
+    """Carries the model's call arguments out of a forward pre-hook (see ``_bind_budget``)."""
+
+
 class _CtrlC:
     """Turns the first Ctrl-C into a flag the loop checks after each completed step, so
     the checkpoint written on the way out is never of a half-applied optimizer step; a
@@ -164,6 +169,8 @@ class Trainer:
         device: where the model and batches live.
         extra_penalty: ``extra_penalty(model)`` -> scalar added to every step's loss (e.g. a
             baseline's sparsity term: L1 on BatchNorm scales, an expected-L0 count).
+        budget: a :class:`torchdam.Budget` (or ``config.target_flops``/``target_params``):
+            train to that size instead of with ``lam`` (see :mod:`torchdam.budget`).
 
     Under ``torchrun`` (see :mod:`torchdam.distributed`) the model is trained in DDP and
     only rank 0 writes files.
@@ -178,6 +185,7 @@ class Trainer:
         device: str | torch.device = "cpu",
         extra_penalty: Callable[[nn.Module], Tensor] | None = None,
         forward_fn: ForwardFn = default_forward,
+        budget: Budget | None = None,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
@@ -190,6 +198,9 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.gates = dict(named_gates(model))
         self.policy = DAMPolicy.from_config(config)
+        if budget is not None and budget_from_config(config) is not None:
+            raise ConfigError("give the target once: either Trainer(budget=...) or TrainConfig(target_...)")
+        self.budget = budget if budget is not None else budget_from_config(config)
         self.optimizer = build_optimizer(model, config)
         lambdas = [lambda e: lr_factor(config, e)]
         if self.gates:
@@ -243,6 +254,8 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+        if self.gates and self.budget is None:
+            warn_if_nothing_removed(self.model)
         return self.records
 
     def _run_epoch(self, epoch: int, train_loader: Iterable, val_loader: Iterable | None,
@@ -267,6 +280,8 @@ class Trainer:
             record[f"beta/{name}"] = gate.beta.item()
         for name, gate in self.gates.items():
             record[f"width/{name}"] = int(gate.active())
+        if self.budget is not None:
+            record.update(self.budget.record())
         distributed.check_same({name: gate.beta for name, gate in self.gates.items()})
         return record
 
@@ -303,15 +318,21 @@ class Trainer:
                    leave=False, total=total_steps, initial=position.step_in_epoch,
                    disable=None if self.config.progress else True)
         for step, batch in enumerate(bar, start=position.step_in_epoch):
-            out, y = self.forward_fn(self._net, to_device(batch, self.device))
+            batch = to_device(batch, self.device)
+            if self.budget is not None and not self.budget.bound:
+                self._bind_budget(batch, total_steps)
+            out, y = self.forward_fn(self._net, batch)
             loss = self.loss_fn(out, y)
-            total = loss + self.policy.penalty(self.model) if self.gates else loss
+            # a size target drives the betas itself (Budget.step), with no lambda term
+            total = loss + self.policy.penalty(self.model) if self.gates and self.budget is None else loss
             if self.extra_penalty is not None:
                 total = total + self.extra_penalty(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.policy.after_backward(self.model, epoch)  # cold start: the betas' grads dropped
             self.optimizer.step()
+            if self.budget is not None:
+                self.budget.step()  # owns the betas: rewrites them after the optimizer's step
             tally.add(loss, out, y)
             position.step_in_epoch, position.global_step = step + 1, position.global_step + 1
             every = self.config.checkpoint_every
@@ -327,6 +348,31 @@ class Trainer:
         bar.close()
         return tally.result("training")
 
+    def _bind_budget(self, batch, steps_per_epoch: int | None) -> None:
+        """Binds the size target to the model's inputs as ``forward_fn`` passes them on the
+        first batch: a pre-hook catches them and stops the call before anything runs (no
+        statistics, no random draws: a resumed run stays bit-identical)."""
+        if steps_per_epoch is None:
+            raise ConfigError("a size target needs a training loader with a length (len(loader)) "
+                              "to plan its schedule")
+
+        def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            raise _ModelInputs(args, kwargs)
+
+        handle = self.model.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            self.forward_fn(self.model, batch)
+            raise ConfigError("forward_fn did not call the model; a size target needs its inputs")
+        except _ModelInputs as caught:
+            args, kwargs = caught.args
+        finally:
+            handle.remove()
+        if kwargs:
+            raise ConfigError("a size target supports models called with positional tensor inputs; "
+                              f"this forward_fn passes keyword inputs ({', '.join(kwargs)})")
+        self.budget.bind(self.model, args, total_steps=self.config.epochs * steps_per_epoch,
+                         start_step=self.config.cold_start * steps_per_epoch)
+
     def _postfix(self, tally: _Tally) -> dict:
         postfix = {"loss": f"{tally.loss.item() / tally.seen:.4f}"}
         if tally.classifies:
@@ -334,6 +380,8 @@ class Trainer:
         if self.gates:
             width = torch.stack([g.active() / g.n for g in self.gates.values()]).mean()
             postfix["width"] = f"{width.item():.3f}"
+        if self.budget is not None and self.budget.bound:
+            postfix[self.budget.metric] = self.budget.postfix()
         return postfix
 
     @torch.no_grad()
@@ -410,6 +458,8 @@ class Trainer:
                 "best": {"acc": self.best_val_acc, "loss": self.best_val_loss, "epoch": self.best_epoch},
                 "records": self.records,
             }
+            if self.budget is not None:
+                state["budget"] = self.budget.state_dict()
             try:
                 save_checkpoint(state, self.checkpoint_dir)
             except CheckpointError as err:
@@ -450,6 +500,8 @@ class Trainer:
             raise CheckpointError(f"{self.best_path}: missing, but the checkpoint {path} refers to it; "
                                   "resume in the run's own output folder")
         self.records = list(state["records"])
+        if self.budget is not None and "budget" in state:
+            self.budget.load_state_dict(state["budget"])
         set_rng_state(state["rng"])
 
     def _open_log(self) -> RunLog | None:

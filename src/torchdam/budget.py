@@ -1,0 +1,775 @@
+"""Say the size you want: budget-driven, cost-aware DAM.
+
+With a plain penalty, how much DAM removes is set by lambda x beta-lr x steps / (number of
+gated layers), not by lambda alone. A :class:`Budget` instead takes the size you want (a
+fraction of the dense model's FLOPs or parameters) and drives the betas there, in the same
+single training run:
+
+.. code-block:: python
+
+    budget = dam.Budget(flops=0.33)                       # or params=0.5
+    budget.bind(model, example_inputs, total_steps=epochs * len(loader))
+    for x, y in loader:                                   # the user's own loop
+        loss = F.cross_entropy(model(x), y)               # no DAM penalty in the loss
+        opt.zero_grad(); loss.backward(); opt.step()
+        budget.step()                                     # after opt.step(), before the next zero_grad
+
+or ``Trainer(model, TrainConfig(target_flops=0.33))`` / ``torchdam prune --target-flops 0.33``.
+
+Three parts:
+
+1. **A width model measured from the model** (:class:`WidthModel`). Torch-Pruning's
+   dependency graph is traced once to find which modules' output and input channels each
+   gate controls (a BatchNorm after the gate, every consumer, a Flatten's index map, a
+   concat's offsets, a residual stream's writers), following what :func:`torchdam.compact`
+   will do (a gate whose units join a residual stream shrinks only its own layer; a stream
+   whose every writer is gated narrows to its widest writer). Each module's FLOPs are
+   measured once at full width with ``torchdam.count``'s counter (and its parameters counted), and
+   ``cost(widths) = rest + sum_m cost_m * (out_m(widths) / n_out_m) * (in_m(widths) / n_in_m)``;
+   a side no gate controls keeps factor 1. Its gradient with respect to a gate's live count
+   is the marginal cost of that gate's units, recomputed as widths change. It is checked
+   against ``count(compact(model))`` in ``tests/test_budget.py`` (exact on the zoo models).
+2. **A cost-aware pull**: each step every beta moves by ``-eta * (task_grad + p * d_g)``
+   where ``d_g = d cost / d beta_g`` (``penalty="cost"``, the default), or the paper's
+   uniform ``d_g = 1/G`` (``penalty="uniform"``, the gradient of ``mean(beta)``).
+3. **A controller, not a guess**: a schedule ``target(t)`` falls from 1 to the target by
+   ``reach_at`` (default 65% of the steps); each step the pull ``p`` (a Lagrange
+   multiplier, >= 0) is set from the error between the model's current cost and the
+   schedule (raised when above, relaxed to 0 when below) plus the schedule's slope, using
+   the width model's linearisation. At ``reach_at`` the betas **snap**: live counts are
+   chosen so the cost is as close to the target as possible from below (integer counts,
+   multiples of ``round_to``), the betas set to give exactly those counts, and frozen for
+   the rest of training, so the remaining steps recover accuracy at the final width.
+
+The budget owns the betas while it is bound: :meth:`Budget.step` rewrites them after the
+optimizer's step (so whatever optimizer, momentum or decay the betas got is overridden),
+and the beta step ``eta`` is derived from the run's length and the gates' costs, so it is
+never set by hand.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from torchdam.attach import detach, named_gates, widths
+from torchdam.compact import as_tuple, unwrap
+from torchdam.count import FlopCounter
+from torchdam.errors import AttachError, ConfigError
+from torchdam.gates import DAMGate
+
+METRICS = ("flops", "params")
+PENALTIES = ("cost", "uniform")
+SCHEDULES = ("cubic", "linear")
+#: Relative tolerance of a reached budget: never above target * (1 + TOLERANCE).
+TOLERANCE = 0.03
+#: The controller recomputes the gates' marginal costs every this many steps.
+REFRESH = 10
+
+_MODULE_TYPES = (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.DEPTHWISE_CONV)
+_STREAM_OPS = (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE)
+
+
+# --------------------------------------------------------------------------- width model
+
+
+@dataclass
+class _Segment:
+    """Part of a module side whose width follows gates: ``mult * (n - live)`` of the side's
+    channels go when ``live`` of the controlling gates' ``n`` units live (``live`` = the
+    largest live count among ``gates``: the writers of one residual stream)."""
+
+    gates: tuple[int, ...]
+    n: int
+    mult: float
+
+
+@dataclass
+class _Side:
+    n: int
+    segments: list[_Segment] = field(default_factory=list)
+
+
+class WidthModel:
+    """The FLOPs and parameters of the compacted model as a function of every gate's live
+    count, measured from ``model`` (gated with :func:`torchdam.attach`) on ``example_inputs``.
+
+    ``cost(live, metric)`` is differentiable in ``live`` (a float tensor over
+    :attr:`names`); ``dense[metric]`` is the full-width model's count (as
+    :func:`torchdam.count` gives it).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+        >>> _ = torchdam.attach(net)
+        >>> wm = WidthModel(net, torch.randn(1, 10))
+        >>> int(wm.cost(torch.tensor([9.0]), "flops"))
+        270
+    """
+
+    def __init__(self, model: nn.Module, example_inputs) -> None:
+        source = unwrap(model)
+        gates = list(named_gates(source))
+        if not gates:
+            raise AttachError("a budget needs DAM gates: call torchdam.attach(model) first")
+        self.names = [name for name, _ in gates]
+        self.n = torch.tensor([g.n for _, g in gates], dtype=torch.float64)
+        work = copy.deepcopy(source).eval()
+        info = [(g.producer_name, g.host_name, g.n) for _, g in named_gates(work)]
+        detach(work)
+        inputs = as_tuple(example_inputs)
+        inputs = tuple(t.detach()[:1] if isinstance(t, Tensor) and t.dim() > 0 else t for t in inputs)
+        full, calls = self._measure(work, inputs)
+        self.dense = full
+        for p in work.parameters():
+            p.requires_grad_(True)
+        dg = tp.DependencyGraph().build_dependency(work, example_inputs=inputs, verbose=False)
+        sides = self._trace(work, dg, info)
+        self._compile(work, dg, sides, calls)
+
+    # -- measuring
+
+    @staticmethod
+    def _measure(work: nn.Module, inputs: tuple) -> tuple[dict[str, int], dict[int, int]]:
+        """Dense totals, and FLOPs of every leaf module (summed over its calls)."""
+        records: list[tuple[nn.Module, tuple, dict]] = []
+        hooks = [m.register_forward_hook(lambda m, a, kw, out: records.append((m, a, kw)), with_kwargs=True)
+                 for m in work.modules() if not any(True for _ in m.children())]
+        try:
+            with torch.no_grad(), FlopCounter() as counter:
+                work(*inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        calls: dict[int, int] = {}
+        with torch.no_grad():
+            for module, args, kwargs in records:
+                with FlopCounter() as one:
+                    module(*args, **kwargs)
+                calls[id(module)] = calls.get(id(module), 0) + int(one.get_total_flops())
+        params = sum(p.numel() for p in work.parameters())
+        return {"flops": int(counter.get_total_flops()), "params": int(params)}, calls
+
+    # -- tracing which sides each gate controls (as torchdam.compact will remove them)
+
+    def _trace(self, work: nn.Module, dg: tp.DependencyGraph, info) -> dict[tuple[int, str], _Side]:
+        modules = {id(m): m for m in work.modules()}
+        producers = {}
+        for i, (producer_name, host_name, n) in enumerate(info):
+            producers[i] = (work.get_submodule(producer_name), work.get_submodule(host_name), n)
+        sides: dict[tuple[int, str], _Side] = {}
+        seen: set[tuple] = set()
+
+        def add(module, side: str, idxs, gates: tuple[int, ...], n: int) -> None:
+            key = (id(module), side)
+            if key not in sides:
+                pruner = dg.get_pruner_of_module(module)
+                total = pruner.get_out_channels(module) if side == "out" else pruner.get_in_channels(module)
+                sides[key] = _Side(int(total))
+            mark = (key, frozenset(idxs), gates)
+            if mark in seen:
+                return
+            seen.add(mark)
+            sides[key].segments.append(_Segment(gates, n, len(set(idxs)) / n))
+
+        groups = {}
+        for i, (producer, host, n) in producers.items():
+            pruner = dg.get_pruner_of_module(producer)
+            if pruner is None:
+                raise AttachError(f"a budget cannot trace gated layer {info[i][0]!r}: Torch-Pruning has no "
+                                  f"rule for {type(producer).__name__}")
+            groups[i] = dg.get_pruning_group(producer, pruner.prune_out_channels, list(range(n)))
+        stream = {i for i in producers if self._needs_scatter(dg, groups[i], *producers[i])}
+        by_module = {}
+        for i in stream:
+            by_module[id(producers[i][0])] = i
+            by_module[id(producers[i][1])] = i
+        for i, (producer, host, n) in producers.items():
+            group = groups[i]
+            if i not in stream:
+                for dep, idxs in group:
+                    module = dep.target.module
+                    if id(module) in modules and dep.target.type in _MODULE_TYPES:
+                        add(module, self._side(dg, dep), idxs, (i,), n)
+                continue
+            # a residual stream: the gate shrinks its own layer (and norm) only ...
+            add(producer, "out", range(n), (i,), n)
+            if host is not producer:
+                add(host, "out", range(n), (i,), n)
+            # ... and the stream narrows to its widest writer when every writer is gated
+            members = self._stream_members(dg, group, n, by_module, producers)
+            if members is None:
+                continue
+            own = {id(producers[j][k]) for j in members for k in (0, 1)}
+            for dep, idxs in group:
+                module = dep.target.module
+                if id(module) in modules and dep.target.type in _MODULE_TYPES:
+                    side = self._side(dg, dep)
+                    if side == "out" and id(module) in own:
+                        continue
+                    add(module, side, idxs, tuple(sorted(members)), n)
+        return sides
+
+    @staticmethod
+    def _side(dg: tp.DependencyGraph, dep) -> str:
+        return "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
+
+    @staticmethod
+    def _needs_scatter(dg: tp.DependencyGraph, group, producer: nn.Module, host: nn.Module, n: int) -> bool:
+        """Mirrors compact: coupled with another writer, or a foreign norm, or no consumer."""
+        coupled = consumers = False
+        for dep, _ in group:
+            module = dep.target.module
+            if dg.is_out_channel_pruning_fn(dep.handler) and module is not producer:
+                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                    coupled = True
+                elif isinstance(module, nn.modules.batchnorm._NormBase) and module is not host:
+                    coupled = True
+            if dg.is_in_channel_pruning_fn(dep.handler):
+                consumers = True
+        return coupled or not consumers
+
+    @staticmethod
+    def _stream_members(dg, group, n: int, by_module: dict, producers: dict) -> set[int] | None:
+        members: set[int] = set()
+        consumers = False
+        for dep, idxs in group:
+            kind = dep.target.type
+            if kind in _STREAM_OPS:
+                continue
+            if kind not in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN):
+                return None
+            out = dg.is_out_channel_pruning_fn(dep.handler)
+            if kind != tp.ops.OPTYPE.BN and not out:
+                consumers = True
+                continue
+            j = by_module.get(id(dep.target.module))
+            if j is None or producers[j][2] != n or sorted(idxs) != list(range(n)):
+                return None
+            members.add(j)
+        return members if consumers else None
+
+    # -- compiling to tensors
+
+    def _compile(self, work: nn.Module, dg, sides: dict[tuple[int, str], _Side], calls: dict[int, int]) -> None:
+        seg_gates, seg_n, seg_mult, seg_side = [], [], [], []
+        side_index: dict[tuple[int, str], int] = {}
+        side_n = []
+        for key, side in sides.items():
+            side_index[key] = len(side_n)
+            side_n.append(side.n)
+            for s in side.segments:
+                seg_gates.append(s.gates)
+                seg_n.append(s.n)
+                seg_mult.append(s.mult)
+                seg_side.append(side_index[key])
+        G = len(self.names)
+        member = torch.zeros(len(seg_gates), G, dtype=torch.bool)
+        for k, gates in enumerate(seg_gates):
+            member[k, list(gates)] = True
+        self._member = member
+        self._seg_n = torch.tensor(seg_n, dtype=torch.float64)
+        self._seg_mult = torch.tensor(seg_mult, dtype=torch.float64)
+        self._seg_side = torch.tensor(seg_side, dtype=torch.long)
+        self._side_n = torch.tensor(side_n, dtype=torch.float64)
+        # terms: cost * product of factors; each term has an out side and an in side (-1: none)
+        rows = {"flops": [], "params": []}
+        rest = dict(self.dense)
+        for module in work.modules():
+            if any(True for _ in module.children()):
+                continue
+            out_i = side_index.get((id(module), "out"), -1)
+            in_i = side_index.get((id(module), "in"), -1)
+            if dg.get_pruner_of_module(module) is not None and _is_depthwise(module):
+                in_i = -1  # a depthwise conv's work follows its (coupled) channels once
+            flops = calls.get(id(module), 0)
+            if flops:
+                rows["flops"].append((flops, out_i, in_i))
+                rest["flops"] -= flops
+            for p in module.parameters(recurse=False):
+                o = out_i if out_i >= 0 and p.dim() >= 1 and p.shape[_axis(module, "out")] == side_n[out_i] else -1
+                i = in_i if in_i >= 0 and p.dim() >= 2 and p.shape[_axis(module, "in")] == side_n[in_i] else -1
+                rows["params"].append((p.numel(), o, i))
+                rest["params"] -= p.numel()
+        self._rest = rest
+        self._terms = {}
+        for metric, r in rows.items():
+            cost = torch.tensor([c for c, _, _ in r], dtype=torch.float64)
+            out_i = torch.tensor([o for _, o, _ in r], dtype=torch.long)
+            in_i = torch.tensor([i for _, _, i in r], dtype=torch.long)
+            self._terms[metric] = (cost, out_i, in_i)
+
+    # -- evaluating
+
+    def side_widths(self, live: Tensor) -> Tensor:
+        """Width of every traced module side for these live counts (``live``: ``(G,)`` or
+        a batch ``(B, G)``)."""
+        live = live.to(torch.float64)
+        masked = torch.where(self._member, live.unsqueeze(-2), torch.tensor(-math.inf, dtype=torch.float64))
+        seg_live = masked.amax(-1) if self._member.shape[0] else masked.sum(-1)
+        removed = self._seg_mult * (self._seg_n - seg_live)
+        base = self._side_n.expand(*live.shape[:-1], -1)
+        return base - torch.zeros_like(base).index_add(-1, self._seg_side, removed)
+
+    def cost(self, live: Tensor, metric: str = "flops") -> Tensor:
+        """The compacted model's FLOPs (per sample of ``example_inputs``) or parameters
+        (a batch ``(B, G)`` of live counts gives ``(B,)``)."""
+        if metric not in METRICS:
+            raise ConfigError(f"unknown budget metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        ratio = self.side_widths(live) / self._side_n
+        ratio = torch.cat([ratio, ratio.new_ones(*ratio.shape[:-1], 1)], -1)  # index -1: no gate on that side
+        cost, out_i, in_i = self._terms[metric]
+        return self._rest[metric] + (cost * ratio[..., out_i] * ratio[..., in_i]).sum(-1)
+
+    def relative(self, live: Tensor, metric: str = "flops") -> Tensor:
+        return self.cost(live, metric) / self.dense[metric]
+
+    def marginal(self, live: Tensor, metric: str = "flops") -> Tensor:
+        """``d cost / d live_g`` for every gate: what one more live unit of it costs."""
+        live = live.detach().to(torch.float64).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.cost(live, metric), live)
+        return grad
+
+    def floor(self, metric: str = "flops") -> float:
+        """The smallest relative cost reachable (every gated layer at one unit)."""
+        return float(self.relative(torch.ones(len(self.names), dtype=torch.float64), metric))
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and groups == getattr(module, "in_channels", -1)
+
+
+def _axis(module: nn.Module, side: str) -> int:
+    transposed = bool(getattr(module, "transposed", False))
+    return (1 if transposed else 0) if side == "out" else (0 if transposed else 1)
+
+
+def live_counts(model: nn.Module) -> Tensor:
+    """Every gate's live unit count (``g > 0``), in :func:`named_gates` order."""
+    return torch.tensor([float(g.active()) for _, g in named_gates(unwrap(model))], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+def _continuous_live(beta: Tensor, n: Tensor, k: Tensor) -> Tensor:
+    """Live count interpolated within a unit: ``n (1 + beta / k) - 1/2`` clipped to [0, n]
+    (through the midpoints of the exact count's steps)."""
+    return (n * (1.0 + beta / k) - 0.5).clamp(min=0.0).minimum(n)
+
+
+def _beta_for(gate: DAMGate, live: int) -> float:
+    """A beta giving exactly ``live`` live units: midway between the offsets of the last
+    dead and the first live unit (above every offset for ``live == n``)."""
+    mu = gate.mu.detach().double()
+    n = gate.n
+    if live >= n:
+        return float(gate.k / (2 * n))
+    first = n - live
+    return float(-(mu[first - 1] + mu[first]) / 2)
+
+
+@dataclass
+class Budget:
+    """Drive DAM to a size: a fraction of the dense model's ``flops`` or ``params``.
+
+    Args:
+        flops / params: the target, a fraction in (0, 1] of the dense model (give one).
+        reach_at: fraction of the steps (after ``start``) by which the target is reached;
+            then the betas snap and freeze, and the rest of the run trains at that width.
+        penalty: ``"cost"`` (each gate pulled by what its units cost, from the width
+            model) or ``"uniform"`` (the paper's ``mean(beta)``: every gate pulled alike).
+        round_to: every snapped live count is a multiple of this (Torch-Pruning's
+            ``round_to``); a layer narrower than it keeps its full width, and a layer
+            keeps at least ``round_to`` units.
+        schedule: how the target falls from 1 to ``flops``/``params`` by ``reach_at``:
+            ``"cubic"`` (``T + (1 - T)(1 - u)^3``, Zhu & Gupta's gradual pruning: fast while
+            the network is redundant, gently near the target) or ``"linear"``.
+
+    Use :meth:`bind` once, then :meth:`step` after every optimizer step.
+    """
+
+    flops: float | None = None
+    params: float | None = None
+    reach_at: float = 0.65
+    penalty: str = "cost"
+    round_to: int = 1
+    schedule: str = "cubic"
+
+    def __post_init__(self) -> None:
+        given = [m for m in METRICS if getattr(self, m) is not None]
+        if len(given) != 1:
+            raise ConfigError("a Budget takes exactly one target: flops=... or params=... "
+                              "(a fraction of the dense model, e.g. flops=0.33)")
+        self.metric = given[0]
+        self.target = float(getattr(self, self.metric))
+        if not (math.isfinite(self.target) and 0 < self.target <= 1):
+            raise ConfigError(f"target {self.metric} must be a fraction in (0, 1] of the dense model, "
+                              f"got {self.target} (0.33 means a third of the dense {self.metric})")
+        if not (isinstance(self.reach_at, (int, float)) and 0 < self.reach_at <= 1):
+            raise ConfigError(f"reach_at must be in (0, 1], got {self.reach_at!r}")
+        if self.penalty not in PENALTIES:
+            raise ConfigError(f"unknown penalty {self.penalty!r}; choose one of: {', '.join(PENALTIES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown budget schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to must be a whole number >= 1, got {self.round_to!r}")
+        self.bound = False
+        self.model: nn.Module | None = None
+        self.width_model: WidthModel | None = None
+        self.t = 0
+        self.pull = 0.0
+        self.frozen = False
+        self.trace: list[tuple[int, float, float, float]] = []
+        self.unreachable = False
+        self._pending: dict | None = None
+        self._cached: tuple[Tensor, Tensor] | None = None
+
+    # -- setup
+
+    def bind(self, model: nn.Module, example_inputs, total_steps: int, start_step: int = 0) -> "Budget":
+        """Trace ``model``'s width model from ``example_inputs`` (one sample is enough) and
+        plan ``total_steps`` optimizer steps; the schedule starts after ``start_step``
+        (e.g. a cold start). Sets every beta to the edge where all its units still live."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ConfigError(f"total_steps must be a whole number >= 1, got {total_steps!r}")
+        if not 0 <= start_step < total_steps:
+            raise ConfigError(f"a budget needs steps to reach its target: start_step={start_step} (e.g. a cold "
+                              f"start) leaves none of the {total_steps} steps; shorten the cold start")
+        self.model = unwrap(model)
+        self.gates = [g for _, g in named_gates(self.model)]
+        fixed = [name for name, g in named_gates(self.model) if type(g).mask is not DAMGate.mask]
+        if fixed:
+            raise ConfigError(f"a budget drives DAM gates (beta); {', '.join(fixed)} have fixed or other masks")
+        self.width_model = wm = WidthModel(self.model, example_inputs)
+        self.total, self.start = int(total_steps), int(start_step)
+        self.reach = min(self.total, self.start + max(1, round(self.reach_at * (self.total - self.start))))
+        self._n = torch.tensor([g.n for g in self.gates], dtype=torch.float64)
+        self._k = torch.tensor([g.k for g in self.gates], dtype=torch.float64)
+        self._lo = self._k * (1.5 / self._n - 1.0)  # one unit live
+        self._hi = self._k / (2.0 * self._n)        # every unit live, as near the edge as can be
+        mins = torch.tensor([float(self.allowed(g.n)[0]) for g in self.gates], dtype=torch.float64)
+        self.floor = float(wm.relative(mins, self.metric))  # every gated layer at its fewest units
+        self.unreachable = self.floor > self.target
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._load(state)
+        else:
+            with torch.no_grad():
+                for g, hi in zip(self.gates, self._hi.tolist()):
+                    g.beta.clamp_(max=hi)
+            self._shadow = self._betas()
+            # eta: with no task gradient, a pull of p = 1 follows the schedule's mean slope
+            s, d = self._sensitivity(self._shadow)
+            span = max(1, self.reach - self.start)
+            self.eta = float((1.0 - min(self.target, 1.0)) / span / max(float((s * d).sum()), 1e-12))
+            if self.target >= 1.0:
+                self.eta = 0.0
+        self.bound = True
+        return self
+
+    def _betas(self) -> Tensor:
+        return torch.stack([g.beta.detach().reshape(()) for g in self.gates]).double().cpu()
+
+    def _write(self, betas: Tensor) -> None:
+        with torch.no_grad():
+            for g, b in zip(self.gates, betas.tolist()):
+                g.beta.fill_(b)
+
+    # -- the schedule and the controller
+
+    def schedule_at(self, step: int) -> float:
+        """The target (relative cost) the schedule asks for after ``step`` steps."""
+        if step <= self.start:
+            return 1.0
+        if step >= self.reach:
+            return self.target
+        u = (step - self.start) / (self.reach - self.start)
+        shape = (1.0 - u) ** 3 if self.schedule == "cubic" else 1.0 - u
+        return self.target + (1.0 - self.target) * shape
+
+    def _sensitivity(self, betas: Tensor) -> tuple[Tensor, Tensor]:
+        """``s_g = d cost_rel / d beta_g`` (units leave at n/k per unit of beta) and the
+        pull direction ``d_g`` (``s_g`` for the cost-aware penalty, ``1/G`` for uniform);
+        gates already at one unit get neither."""
+        wm = self.width_model
+        live = _continuous_live(betas, self._n, self._k)
+        s = wm.marginal(live, self.metric) / wm.dense[self.metric] * self._n / self._k
+        s = s.clamp(min=0.0)
+        movable = betas > self._lo + 1e-9
+        s = torch.where(movable, s, torch.zeros_like(s))
+        d = s.clone() if self.penalty == "cost" else movable.double() / len(self.gates)
+        return s, d
+
+    def current(self, smooth: bool = False) -> float:
+        """The model's cost now, relative to dense: from the exact live counts, or (``smooth``)
+        the live counts interpolated within a unit, which the controller follows."""
+        if smooth:
+            live = _continuous_live(self._shadow, self._n, self._k)
+        else:
+            live = torch.tensor([float(g.active()) for g in self.gates], dtype=torch.float64)
+        return float(self.width_model.relative(live, self.metric))
+
+    def step(self) -> None:
+        """One controller step; call it right after ``optimizer.step()`` (the betas' task
+        gradients must still be in ``.grad``). Rewrites every beta."""
+        if not self.bound:
+            raise ConfigError("Budget.step() before Budget.bind(model, example_inputs, total_steps)")
+        t = self.t
+        betas = self._shadow
+        if self.frozen or t < self.start or self.eta == 0.0:
+            self._write(betas)
+        else:
+            grad = torch.stack([g.beta.grad.detach().reshape(()) if g.beta.grad is not None
+                                else torch.zeros((), device=g.beta.device) for g in self.gates]).double().cpu()
+            if self._cached is None or t % REFRESH == 0 or bool((betas <= self._lo + 1e-9).any()):
+                self._cached = self._sensitivity(betas)  # marginal costs change slowly with the widths
+            s, d = self._cached
+            now = float(self.width_model.relative(_continuous_live(betas, self._n, self._k), self.metric))
+            wanted = self.schedule_at(t + 1)
+            sd = float((s * d).sum())
+            if sd > 0:
+                # p makes the linearised cost after this step equal to the schedule's
+                p = ((now - wanted) / self.eta - float((s * grad).sum())) / sd
+            else:
+                p = 0.0
+            # at most a tenth of a layer's range per step, and never a push upwards
+            limit = float(((self._hi - self._lo) / 10.0 / (self.eta * d.clamp(min=1e-12))).min())
+            self.pull = p = min(max(p, 0.0), limit)
+            betas = (betas - self.eta * (grad + p * d)).clamp(min=self._lo).minimum(self._hi)
+            # as the model stores them (float32), so a resumed run continues from the same values
+            betas = betas.float().double()
+            self._shadow = betas
+            self._write(betas)
+        self.t = t + 1
+        if self.t >= self.reach and not self.frozen:
+            self.snap()
+        every = max(1, self.total // 200)
+        if self.t % every == 0 or self.t == self.reach or self.t == self.total:
+            self.trace.append((self.t, self.current(), self.schedule_at(self.t), self.pull))
+
+    # -- the snap
+
+    def allowed(self, n: int) -> list[int]:
+        """The live counts the snap may choose for a gate over ``n`` units."""
+        r = self.round_to
+        values = list(range(r, n + 1, r)) or [n]
+        if values[-1] != n:
+            values.append(n)
+        return values
+
+    def snap(self) -> dict[str, int]:
+        """Set the betas so the cost is as close to the target as possible from below
+        (integer live counts, multiples of ``round_to``), then freeze them."""
+        wm = self.width_model
+        allowed = [self.allowed(g.n) for g in self.gates]
+        before = _continuous_live(self._shadow, self._n, self._k)
+
+        def at_most(values: list[int], x: float) -> int:
+            fit = [v for v in values if v <= x + 1e-9]
+            return fit[-1] if fit else values[0]
+
+        def rel(live: list[int]) -> float:
+            return float(wm.relative(torch.tensor(live, dtype=torch.float64), self.metric))
+
+        def shifted(delta: float) -> list[int]:
+            return [at_most(a, float(b) - delta * n) for a, b, n in zip(allowed, before, self._n.tolist())]
+
+        # 1. one shift of every layer's width fraction, the smallest that meets the target
+        lo, hi = -1.0, 1.0
+        if rel(shifted(lo)) <= self.target:
+            hi = lo
+        elif rel(shifted(hi)) > self.target:
+            lo = hi
+        else:
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if rel(shifted(mid)) <= self.target:
+                    hi = mid
+                else:
+                    lo = mid
+        live = shifted(hi)
+        # 2. fill up to the target: add units where the shift took most, while they fit
+        while True:
+            best = None
+            for i, values in enumerate(allowed):
+                up = [v for v in values if v > live[i]]
+                if not up:
+                    continue
+                trial = live.copy()
+                trial[i] = up[0]
+                cost = rel(trial)
+                if cost <= self.target:
+                    key = ((float(before[i]) - live[i]) / self._n[i].item(), cost)
+                    if best is None or key > best[0]:
+                        best = (key, trial)
+            if best is None:
+                break
+            live = best[1]
+        # 3. still short of the target by more than half the tolerance (coarse units): trade
+        #    units between two layers while that gets closer
+        live = self._trade(live, allowed, rel)
+        self._write(self._shadow)
+        betas = self._shadow.clone()
+        for i, (g, count) in enumerate(zip(self.gates, live)):
+            if int(g.active()) != count:
+                betas[i] = _beta_for(g, count)
+        betas = betas.float().double()
+        self._shadow = betas
+        self._write(betas)
+        for g, count in zip(self.gates, live):
+            if int(g.active()) != count:  # pragma: no cover (a float32 offset on the boundary)
+                raise ConfigError(f"budget snap: gate over {g.n} units has {int(g.active())} live, wanted {count}")
+        self.frozen = True
+        self.pull = 0.0
+        self.unreachable = rel(live) > self.target
+        return dict(zip(self.width_model.names, live))
+
+    def _trade(self, live: list[int], allowed: list[list[int]], rel) -> list[int]:
+        """Trade units between two layers while the cost gets closer to the target from
+        below: for a pair (i, j), a nearby count of i (up to 8 allowed steps either way;
+        with more than 12 gates one step up) with the most of j that fits. Of the trades landing within half the tolerance, the
+        one changing the widths least wins; if none does, the closest."""
+        wm, cost = self.width_model, rel(live)
+        band = self.target * (1.0 - TOLERANCE / 2)
+        n = self._n
+        for _ in range(20):
+            if cost >= band:
+                break
+            closest, least = None, None
+            for i, values_i in enumerate(allowed):
+                at = max(k for k, v in enumerate(values_i) if v <= live[i])
+                if len(allowed) <= 12:
+                    options = [v for v in values_i[max(0, at - 8):at + 9] if v != live[i]]
+                else:  # many gates: their units are fine enough for one step up on i
+                    options = values_i[at + 1:at + 2]
+                for v in options:
+                    for j, values_j in enumerate(allowed):
+                        if j == i:
+                            continue
+                        trials = torch.tensor(live, dtype=torch.float64).repeat(len(values_j), 1)
+                        trials[:, i] = v
+                        trials[:, j] = torch.tensor(values_j, dtype=torch.float64)
+                        costs = wm.relative(trials, self.metric)
+                        fits = (costs <= self.target).nonzero().flatten()
+                        if not len(fits):
+                            continue
+                        k = int(fits[costs[fits].argmax()])
+                        c = float(costs[k])
+                        if c <= cost:
+                            continue
+                        trial = [int(x) for x in trials[k].tolist()]
+                        if closest is None or c > closest[0]:
+                            closest = (c, trial)
+                        if c >= band:
+                            change = float(((trials[k] - torch.tensor(live, dtype=torch.float64)).abs() / n).sum())
+                            if least is None or change < least[0]:
+                                least = (change, (c, trial))
+            if closest is None:
+                break
+            cost, live = least[1] if least is not None else closest
+        return live
+
+    # -- reporting and checkpoints
+
+    def postfix(self) -> str:
+        """``"0.512/0.330"``: the model's cost now (relative) / the target, for a progress bar."""
+        return f"{self.current():.3f}/{self.target:.3f}"
+
+    def record(self) -> dict:
+        """What a per-epoch log line gets: the cost now, the schedule's value and the pull."""
+        return {f"{self.metric}_rel": self.current(), f"target_{self.metric}_rel": self.schedule_at(self.t),
+                "pull": self.pull}
+
+    def summary(self, reached: float | None = None) -> dict:
+        """Target vs reached (``reached``: the compacted model's measured relative cost;
+        default the width model's); ``ok`` is within -3% .. +3% of the target."""
+        reached = self.current() if reached is None else float(reached)
+        within = abs(reached / self.target - 1.0) <= TOLERANCE
+        return {"metric": self.metric, "target": self.target, "reached": reached,
+                "ok": within and not self.unreachable, "within_tolerance": within, "floor": self.floor,
+                "unreachable": self.unreachable, "penalty": self.penalty, "round_to": self.round_to,
+                "reach_at": self.reach_at, "reach_step": self.reach, "total_steps": self.total,
+                "eta": self.eta, "trace": [list(t) for t in self.trace]}
+
+    def message(self, reached: float | None = None) -> str | None:
+        """One line when the target was not reached (None when it was)."""
+        s = self.summary(reached)
+        if s["ok"]:
+            return None
+        what = "FLOPs" if self.metric == "flops" else "parameters"
+        if self.unreachable:
+            return (f"target not reached: {what} {100 * s['reached']:.1f}% of dense, above the target "
+                    f"{100 * self.target:.1f}%: the gated layers at one unit each still cost "
+                    f"{100 * self.floor:.1f}% (the ungated layers); gate more layers or raise the target")
+        return (f"target not reached: {what} {100 * s['reached']:.1f}% of dense against a target of "
+                f"{100 * self.target:.1f}% (outside +-{100 * TOLERANCE:.0f}%)")
+
+    def state_dict(self) -> dict:
+        cached = None if self._cached is None else [c.tolist() for c in self._cached]
+        return {"t": self.t, "pull": self.pull, "frozen": self.frozen, "eta": self.eta, "cached": cached,
+                "trace": [list(t) for t in self.trace], "unreachable": self.unreachable}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpointed budget; applied at :meth:`bind` if not bound yet (the
+        betas themselves are in the model's state)."""
+        if self.bound:
+            self._load(state)
+        else:
+            self._pending = dict(state)
+
+    def _load(self, state: dict) -> None:
+        self.t, self.pull, self.frozen = int(state["t"]), float(state["pull"]), bool(state["frozen"])
+        self.eta = float(state["eta"])
+        self.trace = [tuple(t) for t in state["trace"]]
+        self.unreachable = bool(state["unreachable"])
+        cached = state.get("cached")
+        self._cached = None if cached is None else tuple(torch.tensor(c, dtype=torch.float64) for c in cached)
+        self._shadow = self._betas()
+
+
+def nothing_removed_message(model: nn.Module, cli: bool = False) -> str | None:
+    """The one line a lambda-mode run (no target) that removed no unit should print."""
+    w = widths(unwrap(model))
+    if not w or any(active < total for active, total in w.values()):
+        return None
+    if cli:
+        return "no unit was removed: raise --lam or --beta-lr, or give --target-flops"
+    return ("no unit was removed: raise lam or beta_lr, or give a target "
+            "(TrainConfig(target_flops=0.33) or torchdam.Budget)")
+
+
+def warn_if_nothing_removed(model: nn.Module) -> bool:
+    """Warn in one line (and return True) when every gate still has all its units."""
+    message = nothing_removed_message(model)
+    if message is not None:
+        warnings.warn(message, stacklevel=2)
+    return message is not None
+
+
+def budget_from_config(config) -> Budget | None:
+    """The :class:`Budget` a :class:`torchdam.TrainConfig` asks for (None: lambda mode)."""
+    if getattr(config, "target_flops", None) is None and getattr(config, "target_params", None) is None:
+        return None
+    return Budget(flops=config.target_flops, params=config.target_params, reach_at=config.reach_at,
+                  penalty=config.penalty or "cost", round_to=config.round_to)
+
+
+def check_config(config) -> None:
+    """Validate a :class:`torchdam.TrainConfig`'s budget options (no target: lambda mode,
+    where only the paper's uniform penalty exists)."""
+    if budget_from_config(config) is None:
+        if config.penalty not in (None, "uniform"):
+            raise ConfigError(f"penalty={config.penalty!r} needs a target (target_flops or target_params); "
+                              "without one DAM uses the paper's uniform penalty lam * mean(beta)")
+        if config.round_to != 1:
+            raise ConfigError("round_to needs a target (target_flops or target_params)")
+
+
+__all__ = ["TOLERANCE", "Budget", "WidthModel", "budget_from_config", "check_config", "live_counts",
+           "nothing_removed_message", "warn_if_nothing_removed"]

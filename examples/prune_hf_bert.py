@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--beta-lr", type=float, default=0.008, help="with Adam this, not lam, sets how fast units die")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = BertForSequenceClassification(config)
 
     gates = dam.attach(model)  # attention heads + FFN units of every block (and the pooler)
-    opt = torch.optim.AdamW(dam.dam_param_groups(model, lr=1e-3, beta_lr=0.05))
+    opt = torch.optim.AdamW(dam.dam_param_groups(model, lr=1e-3, beta_lr=args.beta_lr))
     policy = dam.DAMPolicy(lam=args.lam)
     model.train()
     for step in range(args.steps):

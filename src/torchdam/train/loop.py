@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -41,7 +42,8 @@ from tqdm.auto import tqdm
 from torchdam import distributed
 from torchdam.atomic import write_atomic
 from torchdam.attach import gate_parameters, named_gates, penalty
-from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
+from torchdam.checkpoint import (get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state,
+                                 state_digest)
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from torchdam.train.config import RESUMABLE_CHANGES, TrainConfig, lr_factor
 from torchdam.train.log import RunLog
@@ -62,6 +64,88 @@ def _split_batch(batch) -> tuple[Tensor, Tensor]:
 
 def _has_accuracy(out: Tensor, y: Tensor) -> bool:
     return out.dim() == 2 and y.dim() == 1 and y.dtype == torch.int64
+
+
+def _plain(value: object) -> bool:
+    """Only values a checkpoint can hold and ``weights_only`` loading reads back."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _differences(saved: dict, current: dict, prefix: str = "", limit: int = 6) -> list[str]:
+    """``"key: old -> new"`` for every entry that differs (nested dicts by their keys)."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.", limit)
+        elif a != b:
+            a_, b_ = (v[:12] + "..." if isinstance(v, str) and len(v) == 64 else v for v in (a, b))  # digests
+            out.append(f"{prefix}{key}: {a_!r} -> {b_!r}")
+    return out[:limit]
+
+
+_NUMBER = (int, float)
+#: checkpoint key -> what it must hold (``None`` allowed where listed); see :func:`check_state`
+_SCHEMA: dict[str, tuple] = {
+    "format": (str,), "config": (dict,), "identity": (dict,), "epoch": (int,), "step_in_epoch": (int,),
+    "global_step": (int,), "model": (dict,), "optimizer": (dict,), "scheduler": (dict,), "rng": (dict,),
+    "epoch_rng": (dict, type(None)), "tally": (dict, type(None)), "tallies": (list, type(None)),
+    "best": (dict,), "records": (list,),
+}
+
+
+def check_state(state: dict, path: Path) -> None:
+    """:class:`CheckpointError` naming ``path`` and the fault unless ``state`` has the
+    shape :meth:`Trainer._save_state` writes: a checkpoint with a valid header and checksum
+    can still be forged or written by another program."""
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: malformed training checkpoint: {reason}; resume from another "
+                               "checkpoint or start again")
+
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a torchdam training checkpoint")
+    if "identity" not in state:
+        raise CheckpointError(f"{path}: written by an older torchdam that did not record the run's identity "
+                              "(data, gates), so resuming it cannot be checked; start the run again")
+    for key, kinds in _SCHEMA.items():
+        if key not in state:
+            raise bad(f"{key!r} is missing")
+        value = state[key]
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise bad(f"{key!r} is a {type(value).__name__}, expected {' or '.join(k.__name__ for k in kinds)}")
+    if min(state["epoch"], state["step_in_epoch"], state["global_step"]) < 0:
+        raise bad("a negative epoch or step")
+    if state["step_in_epoch"] > state["global_step"]:
+        raise bad("more steps in the epoch than in the run")
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state["model"].items()):
+        raise bad("'model' is not a state dict of tensors")
+    if not all(isinstance(r, dict) for r in state["records"]) or len(state["records"]) != state["epoch"]:
+        raise bad(f"'records' must hold one dict per finished epoch ({state['epoch']})")
+    best = state["best"]
+    if set(best) != {"acc", "loss", "epoch"} or not all(
+            best[k] is None or isinstance(best[k], _NUMBER) and not isinstance(best[k], bool) for k in best):
+        raise bad("'best' must hold acc, loss and epoch (numbers or None)")
+    rng = state["rng"]
+    if not isinstance(rng.get("torch"), Tensor) or not isinstance(rng.get("numpy"), dict) or "python" not in rng:
+        raise bad("'rng' lacks the torch, numpy or python RNG state")
+    tallies = state["tallies"] if state["tallies"] is not None else [state["tally"]]
+    for tally in tallies:
+        if tally is None:
+            continue
+        if not (isinstance(tally, dict) and isinstance(tally.get("loss"), Tensor)
+                and isinstance(tally.get("correct"), Tensor) and isinstance(tally.get("seen"), int)
+                and isinstance(tally.get("classifies"), bool)):
+            raise bad("an epoch tally lacks loss, correct, seen or classifies")
+    if state["step_in_epoch"] > 0 and (state["epoch_rng"] is None or state["tally"] is None):
+        raise bad("a mid-epoch checkpoint without its epoch's RNG state or running sums")
+    if state["tallies"] is not None and len(state["tallies"]) != state["identity"].get("world_size"):
+        raise bad("one epoch tally per process expected")
 
 
 class _Tally:
@@ -99,6 +183,17 @@ class _Tally:
     def state(self) -> dict:
         return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
                 "classifies": self.classifies}
+
+    def states_of_every_rank(self) -> list[dict]:
+        """Every rank's :meth:`state`, gathered (a collective: every rank must call it).
+        Ranks train on different shards, so each one resumes its own partial sums."""
+        row = torch.stack([self.loss.detach().double(), self.correct.double(),
+                           torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss.device),
+                           torch.tensor(float(self.classifies), dtype=torch.float64, device=self.loss.device)])
+        # float64 holds every float32 loss sum and every count below 2**53 exactly
+        return [{"loss": r[0].to(self.loss.dtype).cpu(), "correct": r[1].to(torch.int64).cpu(),
+                 "seen": int(r[2].item()), "classifies": bool(r[3].item())}
+                for r in distributed.gather_rows(row)]
 
     def load(self, state: dict) -> None:
         self.loss.copy_(state["loss"])
@@ -160,6 +255,11 @@ class Trainer:
         device: where the model and batches live.
         extra_penalty: ``extra_penalty(model)`` -> scalar added to every step's loss (e.g. a
             baseline's sparsity term: L1 on BatchNorm scales, an expected-L0 count).
+        identity: what else makes this run the run it is, beyond ``config`` (model and data
+            names, a data :func:`torchdam.checkpoint.fingerprint`, ...): plain values
+            (str, int, float, bool, None, lists/tuples/dicts of them). It is checkpointed with
+            the gates' types and sizes and the world size, and a resume whose identity differs
+            in any of them is refused.
 
     Under ``torchrun`` (see :mod:`torchdam.distributed`) the model is trained in DDP and
     only rank 0 writes files.
@@ -173,9 +273,14 @@ class Trainer:
         out_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
         extra_penalty: Callable[[nn.Module], Tensor] | None = None,
+        identity: dict | None = None,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
+        if identity is not None and not (isinstance(identity, dict) and _plain(identity)):
+            raise ConfigError(f"Trainer's identity must be a dict of plain values (str, int, float, bool, None "
+                              f"and lists/tuples/dicts of them), got {identity!r}"[:300])
+        self.identity = dict(identity or {})
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.config = config
@@ -367,22 +472,37 @@ class Trainer:
             return
         self._best_state = None
         self.best_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.best_path, lambda tmp: save_file(state, str(tmp), metadata={"epoch": str(epoch)}),
+        metadata = {"epoch": str(epoch), "sha256": state_digest(state)}
+        write_atomic(self.best_path, lambda tmp: save_file(state, str(tmp), metadata=metadata),
                      "the best checkpoint")
 
     def restore_best(self) -> nn.Module:
         """Load the best-validation weights back into the model and return it."""
         if self.best_epoch is None:
             raise CheckpointError("no best checkpoint yet: call fit() with a val_loader first")
-        if self._best_state is not None:
-            state = self._best_state
-        else:
-            try:
-                state = load_file(str(self.best_path), device=str(self.device))
-            except Exception as e:  # missing file, or safetensors' own SafetensorError
-                raise CheckpointError(f"cannot read {self.best_path}: {e}") from e
+        state = self._best_state if self._best_state is not None else self._read_best()
         self.model.load_state_dict(state)
         return self.model
+
+    def _read_best(self) -> dict[str, Tensor]:
+        """``best.safetensors``, verified against the SHA-256 and epoch stored in it."""
+        path = self.best_path
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as e:  # missing file, or safetensors' own SafetensorError
+            raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+        if "sha256" not in metadata:
+            raise CheckpointError(f"{path}: no checksum in it (not written by this torchdam), so it cannot be "
+                                  "verified; train again, or ship the last epoch (--checkpoint last)")
+        if state_digest(state) != metadata["sha256"]:
+            raise CheckpointError(f"{path}: corrupted (checksum mismatch); ship the last epoch "
+                                  "(--checkpoint last) or train again")
+        if metadata.get("epoch") != str(self.best_epoch):
+            raise CheckpointError(f"{path}: holds epoch {metadata.get('epoch')}, but this run's best epoch is "
+                                  f"{self.best_epoch}; it belongs to another run")
+        return {k: v.to(self.device) for k, v in state.items()}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -391,12 +511,15 @@ class Trainer:
         it worked, so all of them raise together)."""
         if self.out_dir is None:
             return
+        # every rank's partial epoch sums (a collective, so before rank 0 alone writes)
+        tallies = tally.states_of_every_rank() if tally is not None and distributed.is_distributed() else None
         error = None
         if self._writes:
             position = self._position
             state = {
                 "format": STATE_FORMAT,
                 "config": asdict(self.config),
+                "identity": self.run_identity(),
                 "epoch": position.epoch,
                 "step_in_epoch": position.step_in_epoch,
                 "global_step": position.global_step,
@@ -406,6 +529,7 @@ class Trainer:
                 "rng": get_rng_state(),
                 "epoch_rng": position.epoch_rng,
                 "tally": tally.state() if tally is not None else None,
+                "tallies": tallies,
                 "best": {"acc": self.best_val_acc, "loss": self.best_val_loss, "epoch": self.best_epoch},
                 "records": self.records,
             }
@@ -416,40 +540,56 @@ class Trainer:
         if not distributed.all_ok(error is None):
             raise error or CheckpointError("rank 0 could not write the checkpoint; see its error")
 
+    def run_identity(self) -> dict:
+        """What a resume must match besides ``config``: the ``identity`` given, every gate's
+        type and size, and the number of processes (it sets the global batch)."""
+        gates = {name: {"class": type(g).__name__, "gate": g.gate, "n": g.n, "k": g.k, "alpha": g.alpha,
+                        "axis": g.axis} for name, g in self.gates.items()}
+        return {**self.identity, "gates": gates, "world_size": distributed.world_size()}
+
     def _load_state(self, resume: str | Path) -> None:
         path = Path(resume)
         if path.is_file():
             state = load_checkpoint(path)
+            check_state(state, path)
         else:
             folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-            state, path = load_latest(folder)
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path}: not a torchdam training checkpoint")
+            state, path = load_latest(folder, validate=check_state)
         saved, current = state["config"], asdict(self.config)
         changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ConfigError(f"{path}: cannot resume with different options ({diffs}); "
                               "use the options of the run being resumed")
+        diffs = _differences(state["identity"], self.run_identity())
+        if diffs:
+            raise ConfigError(f"{path}: cannot resume a different run ({'; '.join(diffs)}); resume with the "
+                              "model, data, gates and options of the run being resumed, or start a new run")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as err:
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
             detail = " ".join(str(err).split())[:300]
             raise CheckpointError(f"{path}: does not match this model ({detail}); "
                                   "resume with the same model and layers") from None
         position = self._position
         position.epoch, position.step_in_epoch = state["epoch"], state["step_in_epoch"]
         position.global_step, position.epoch_rng = state["global_step"], state["epoch_rng"]
-        position.rng, position.tally = state["rng"], state["tally"]
+        tallies = state["tallies"]
+        position.rng = state["rng"]
+        position.tally = tallies[distributed.rank()] if tallies is not None else state["tally"]
         best = state["best"]
         self.best_val_acc, self.best_val_loss, self.best_epoch = best["acc"], best["loss"], best["epoch"]
         if self.best_epoch is not None and not (self.best_path and self.best_path.is_file()):
             raise CheckpointError(f"{self.best_path}: missing, but the checkpoint {path} refers to it; "
                                   "resume in the run's own output folder")
         self.records = list(state["records"])
-        set_rng_state(state["rng"])
+        try:
+            set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+            raise CheckpointError(f"{path}: malformed RNG state ({' '.join(str(err).split())[:200]}); "
+                                  "resume from another checkpoint or start again") from None
 
     def _open_log(self) -> RunLog | None:
         if not self._writes:

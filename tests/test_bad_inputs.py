@@ -52,6 +52,17 @@ CLI = [
     (["--layers", "nothing.here*", "--limit", "100"], "matched no layer"),
     (["--resume", "{tmp}/never-ran"], "nothing to resume"),
     (["--out", "{tmp}/a-file/out"], "is not writable"),
+    # every option is checked before the first epoch: bounds a run could only trip over later
+    (["--seed", "-1"], "seed must be between 0 and 2**63-1"),
+    (["--seed", str(2**64)], "seed must be between 0 and 2**63-1"),
+    (["--batch-size", str(10**19)], "batch_size must be <= 2147483647"),
+    (["--lr", "1e39"], "lr must be at most 3.403e+38"),
+    (["--lam", "1e39"], "lam must be at most 3.403e+38"),
+    (["--beta-lr", "1e39"], "beta_lr must be at most 3.403e+38"),
+    (["--latency-repeats", "0"], "latency_repeats must be a whole number >= 1"),
+    (["--min-width", "0"], "min_width must be a whole number >= 1"),
+    (["--limit", str(2**40)], "limit must be a positive number of training examples (and <= 2**31-1)"),
+    (["--out", "{tmp}/a-file"], "is not writable"),
 ]
 
 
@@ -74,6 +85,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, caps
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
     assert (tmp_path / "a-file").read_text() == "keep me"
+    assert not (tmp_path / "out" / "log.jsonl").exists()  # refused before the first epoch
 
 
 def broken_run(folder, last: bytes, prev: bytes | None = None):

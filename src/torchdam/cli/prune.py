@@ -183,6 +183,7 @@ def prepare_folder(job: "PruneJob", out: Path) -> None:
     """Rank 0, holding the folder's lock: make sure ``out`` is this run's (a new run does
     not mix its files with another run's unless --overwrite; --resume needs the run's
     checkpoints), clear what a killed run left half-done, and check every output path."""
+    _check_outputs(out)
     try:
         present = _outputs_present(out)
         if present and not job.resume:
@@ -196,7 +197,6 @@ def prepare_folder(job: "PruneJob", out: Path) -> None:
     except OSError as err:
         raise ConfigError(f"{out}: cannot tidy the output folder ({err.strerror or err}: {err.filename}); "
                           "fix its permissions or choose another --out") from None
-    _check_outputs(out)
 
 
 def _save_compacted(small: nn.Module, out: Path, metadata: dict) -> None:

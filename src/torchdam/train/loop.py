@@ -78,16 +78,23 @@ def _plain(value: object) -> bool:
 
 
 def _differences(saved: dict, current: dict, prefix: str = "", limit: int = 6) -> list[str]:
-    """``"key: old -> new"`` for every entry that differs (nested dicts by their keys)."""
-    out = []
+    """``"key: old -> new"`` for the entries that differ, plain values before nested dicts
+    (compared key by key), at most ``limit`` of them."""
+    def show(v: object) -> str:
+        if isinstance(v, dict):
+            return "{...}"
+        if isinstance(v, str) and len(v) == 64:  # a sha256
+            return repr(v[:12] + "...")
+        return repr(v)
+
+    plain, nested = [], []
     for key in sorted(set(saved) | set(current), key=str):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.", limit)
+            nested += _differences(a, b, f"{prefix}{key}.", limit)
         elif a != b:
-            a_, b_ = (v[:12] + "..." if isinstance(v, str) and len(v) == 64 else v for v in (a, b))  # digests
-            out.append(f"{prefix}{key}: {a_!r} -> {b_!r}")
-    return out[:limit]
+            plain.append(f"{prefix}{key}: {show(a)} -> {show(b)}")
+    return (plain + nested)[:limit]
 
 
 _NUMBER = (int, float)

@@ -639,3 +639,17 @@ def test_image_arrays_check_their_labels():
         ImageArrays({**good, "train_labels": np.zeros(4)}, 0.5, 0.5, num_classes=4, source="x")
     with pytest.raises(DataError, match="train and test images differ in shape"):
         ImageArrays({**good, "test_images": np.zeros((4, 9, 9), np.uint8)}, 0.5, 0.5, num_classes=4, source="x")
+
+
+def test_overwrite_does_not_resurrect_a_half_swapped_compacted_model(run, capsys, monkeypatch):
+    import torchdam.cli.prune as prune_module
+
+    (run / "compacted").rename(run / ".compacted.old.tmp")  # the earlier run was killed mid-swap
+
+    def failing_compact(*a, **kw):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(prune_module, "compact", failing_compact)
+    one_line(*cli(["--out", str(run), "--overwrite"], capsys))
+    assert not (run / "compacted").exists() and not (run / ".compacted.old.tmp").exists()
+    assert not (run / "report.json").exists()  # nothing of the earlier run is left to mix with this one

@@ -134,6 +134,8 @@ def _remove_outputs(out: Path) -> None:
             for name in names:
                 (folder / name).unlink(missing_ok=True)
             _remove_temporaries(folder)
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _remove_temporaries(folder: Path) -> None:
@@ -183,19 +185,20 @@ def prepare_folder(job: "PruneJob", out: Path) -> None:
     """Rank 0, holding the folder's lock: make sure ``out`` is this run's (a new run does
     not mix its files with another run's unless --overwrite; --resume needs the run's
     checkpoints), clear what a killed run left half-done, and check every output path."""
-    _check_outputs(out)
     try:
+        _recover_compacted(out)  # first: what it restores is the earlier run's, like the rest
+        _check_outputs(out)
         present = _outputs_present(out)
         if present and not job.resume:
             if not job.overwrite:
                 raise ConfigError(f"{out} already holds another run's {', '.join(present)}; continue that run "
                                   f"with --resume {out}, or pass --overwrite to replace it")
             _remove_outputs(out)
-        _recover_compacted(out)
         for folder in (out, out / CHECKPOINT_DIR, out / COMPACTED_DIR):
             _remove_temporaries(folder)
     except OSError as err:
-        raise ConfigError(f"{out}: cannot tidy the output folder ({err.strerror or err}: {err.filename}); "
+        where = f"{err.filename}: " if err.filename else ""
+        raise ConfigError(f"{out}: cannot tidy the output folder ({where}{err.strerror or err}); "
                           "fix its permissions or choose another --out") from None
 
 
@@ -216,12 +219,13 @@ def _save_compacted(small: nn.Module, out: Path, metadata: dict) -> None:
             raise
         _recover_compacted(out)  # removes the old model
     except OSError as err:
-        shutil.rmtree(new, ignore_errors=True)
         if err.errno == errno.ENOSPC:
             raise DiskFullError(f"{target}: disk full while writing the compacted model; free space and run "
                                 "`torchdam prune ... --resume` (files written before are intact)") from None
         raise CheckpointError(f"{target}: cannot write the compacted model ({err.strerror or err}); "
                               "files written before are intact") from None
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # there only if the swap did not happen
 
 
 def _selectors(names: tuple[str, ...]) -> tuple:

@@ -240,21 +240,25 @@ def run(job: PruneJob) -> dict | None:
     0 compacts, measures and writes; the other ranks return ``None``."""
     job.validate()
     out = Path(job.out_dir)
-    lock = None
-    if distributed.is_main_process():
-        _check_writable(out)
-        lock = FolderLock(out).acquire()
-    try:
-        if lock is not None:
+    device = distributed.init_from_env()
+    lock, error = None, None
+    if distributed.is_main_process():  # rank 0 alone owns, checks and tidies the folder
+        try:
+            _check_writable(out)
+            lock = FolderLock(out).acquire()
             prepare_folder(job, out)
-        return _run(job, out)
+        except TorchDAMError as err:
+            error = err
+    try:
+        if not distributed.all_ok(error is None):  # every rank stops together
+            raise error or ConfigError(f"rank 0 cannot use the output folder {out}; see its error")
+        return _run(job, out, device)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(job: PruneJob, out: Path) -> dict | None:
-    device = distributed.init_from_env()
+def _run(job: PruneJob, out: Path, device: torch.device) -> dict | None:
     torch.manual_seed(job.train.seed)
     splits = load_dataset(job.data, val_size=job.val_size, seed=job.train.seed, limit=job.limit)
     channels, size = splits.input_shape[0], splits.input_shape[-1]

@@ -47,13 +47,13 @@ from torchdam.checkpoint import (get_rng_state, load_checkpoint, load_latest, sa
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from torchdam.train.config import RESUMABLE_CHANGES, TrainConfig, lr_factor
 from torchdam.train.log import RunLog
+from torchdam.train.state import STATE_FORMAT, check_state, differences, is_plain
 from torchdam.train.policy import build_optimizer
 
 #: The progress bar's postfix needs a host sync; refresh it only this often.
 POSTFIX_EVERY = 20
 BEST_FILE = "best.safetensors"
 CHECKPOINT_DIR = "checkpoints"
-STATE_FORMAT = "torchdam-train"
 
 
 def _split_batch(batch) -> tuple[Tensor, Tensor]:
@@ -64,95 +64,6 @@ def _split_batch(batch) -> tuple[Tensor, Tensor]:
 
 def _has_accuracy(out: Tensor, y: Tensor) -> bool:
     return out.dim() == 2 and y.dim() == 1 and y.dtype == torch.int64
-
-
-def _plain(value: object) -> bool:
-    """Only values a checkpoint can hold and ``weights_only`` loading reads back."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
-
-
-def _differences(saved: dict, current: dict, prefix: str = "", limit: int = 6) -> list[str]:
-    """``"key: old -> new"`` for the entries that differ, plain values before nested dicts
-    (compared key by key), at most ``limit`` of them."""
-    def show(v: object) -> str:
-        if isinstance(v, dict):
-            return "{...}"
-        if isinstance(v, str) and len(v) == 64:  # a sha256
-            return repr(v[:12] + "...")
-        return repr(v)
-
-    plain, nested = [], []
-    for key in sorted(set(saved) | set(current), key=str):
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            nested += _differences(a, b, f"{prefix}{key}.", limit)
-        elif a != b:
-            plain.append(f"{prefix}{key}: {show(a)} -> {show(b)}")
-    return (plain + nested)[:limit]
-
-
-_NUMBER = (int, float)
-#: checkpoint key -> what it must hold (``None`` allowed where listed); see :func:`check_state`
-_SCHEMA: dict[str, tuple] = {
-    "format": (str,), "config": (dict,), "identity": (dict,), "epoch": (int,), "step_in_epoch": (int,),
-    "global_step": (int,), "model": (dict,), "optimizer": (dict,), "scheduler": (dict,), "rng": (dict,),
-    "epoch_rng": (dict, type(None)), "tally": (dict, type(None)), "tallies": (list, type(None)),
-    "best": (dict,), "records": (list,),
-}
-
-
-def check_state(state: dict, path: Path) -> None:
-    """:class:`CheckpointError` naming ``path`` and the fault unless ``state`` has the
-    shape :meth:`Trainer._save_state` writes: a checkpoint with a valid header and checksum
-    can still be forged or written by another program."""
-    def bad(reason: str) -> CheckpointError:
-        return CheckpointError(f"{path}: malformed training checkpoint: {reason}; resume from another "
-                               "checkpoint or start again")
-
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path}: not a torchdam training checkpoint")
-    if "identity" not in state:
-        raise CheckpointError(f"{path}: written by an older torchdam that did not record the run's identity "
-                              "(data, gates), so resuming it cannot be checked; start the run again")
-    for key, kinds in _SCHEMA.items():
-        if key not in state:
-            raise bad(f"{key!r} is missing")
-        value = state[key]
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            raise bad(f"{key!r} is a {type(value).__name__}, expected {' or '.join(k.__name__ for k in kinds)}")
-    if min(state["epoch"], state["step_in_epoch"], state["global_step"]) < 0:
-        raise bad("a negative epoch or step")
-    if state["step_in_epoch"] > state["global_step"]:
-        raise bad("more steps in the epoch than in the run")
-    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state["model"].items()):
-        raise bad("'model' is not a state dict of tensors")
-    if not all(isinstance(r, dict) for r in state["records"]) or len(state["records"]) != state["epoch"]:
-        raise bad(f"'records' must hold one dict per finished epoch ({state['epoch']})")
-    best = state["best"]
-    if set(best) != {"acc", "loss", "epoch"} or not all(
-            best[k] is None or isinstance(best[k], _NUMBER) and not isinstance(best[k], bool) for k in best):
-        raise bad("'best' must hold acc, loss and epoch (numbers or None)")
-    rng = state["rng"]
-    if not isinstance(rng.get("torch"), Tensor) or not isinstance(rng.get("numpy"), dict) or "python" not in rng:
-        raise bad("'rng' lacks the torch, numpy or python RNG state")
-    tallies = state["tallies"] if state["tallies"] is not None else [state["tally"]]
-    for tally in tallies:
-        if tally is None:
-            continue
-        if not (isinstance(tally, dict) and isinstance(tally.get("loss"), Tensor)
-                and isinstance(tally.get("correct"), Tensor) and isinstance(tally.get("seen"), int)
-                and isinstance(tally.get("classifies"), bool)):
-            raise bad("an epoch tally lacks loss, correct, seen or classifies")
-    if state["step_in_epoch"] > 0 and (state["epoch_rng"] is None or state["tally"] is None):
-        raise bad("a mid-epoch checkpoint without its epoch's RNG state or running sums")
-    if state["tallies"] is not None and len(state["tallies"]) != state["identity"].get("world_size"):
-        raise bad("one epoch tally per process expected")
 
 
 class _Tally:
@@ -284,7 +195,7 @@ class Trainer:
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
-        if identity is not None and not (isinstance(identity, dict) and _plain(identity)):
+        if identity is not None and not (isinstance(identity, dict) and is_plain(identity)):
             raise ConfigError(f"Trainer's identity must be a dict of plain values (str, int, float, bool, None "
                               f"and lists/tuples/dicts of them), got {identity!r}"[:300])
         self.identity = dict(identity or {})
@@ -568,7 +479,7 @@ class Trainer:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ConfigError(f"{path}: cannot resume with different options ({diffs}); "
                               "use the options of the run being resumed")
-        diffs = _differences(state["identity"], self.run_identity())
+        diffs = differences(state["identity"], self.run_identity())
         if diffs:
             raise ConfigError(f"{path}: cannot resume a different run ({'; '.join(diffs)}); resume with the "
                               "model, data, gates and options of the run being resumed, or start a new run")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -28,7 +27,6 @@ from torchdam.cli import main
 from torchdam.data import fashion_mnist_arrays
 from torchdam.errors import CheckpointError, ConfigError, DataError
 from torchdam.lock import LOCK_FILE, FolderLock
-
 
 # ---------------------------------------------------------------------------- pickling
 

@@ -66,7 +66,7 @@ class FolderLock:
         return ConfigError(f"{self.folder} is in use by another torchdam run (PID/host {holder}, lock "
                            f"{self.path}); wait for it to finish, or choose another --out")
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         me = f"{os.getpid()} {socket.gethostname()}"
         for _ in range(20):  # retried only while a finishing holder unlinks the file under us
             try:
@@ -123,7 +123,7 @@ class FolderLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

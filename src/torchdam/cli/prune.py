@@ -181,7 +181,7 @@ def _check_outputs(out: Path) -> None:
                                   "or choose another --out") from None
 
 
-def prepare_folder(job: "PruneJob", out: Path) -> None:
+def prepare_folder(job: PruneJob, out: Path) -> None:
     """Rank 0, holding the folder's lock: make sure ``out`` is this run's (a new run does
     not mix its files with another run's unless --overwrite; --resume needs the run's
     checkpoints), clear what a killed run left half-done, and check every output path."""

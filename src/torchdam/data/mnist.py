@@ -10,6 +10,7 @@ Decoded arrays are cached per process, read-only, so tests and repeated runs dec
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -164,13 +165,11 @@ def _decode_mnist(path: str, pinned: tuple[tuple[str, str], ...]) -> dict[str, n
         arrays = {k: np.ascontiguousarray(group[k][:], dtype=np.uint8) for k in ARRAY_KEYS}
     except Exception as err:  # zarr/zipfile/codec errors of a damaged store all mean the same
         detail = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        raise DataError(f"MNIST store {path} is damaged ({detail}); {hint}") from None
+        raise DataError(f"MNIST store {path} is damaged ({detail}); {hint}") from err
     finally:
         if store is not None:
-            try:
+            with contextlib.suppress(AttributeError, OSError):  # a store that never opened its zip
                 store.close()
-            except Exception:  # a store that failed to open has nothing to close
-                pass
     for key, expected in pinned:
         digest = hashlib.sha256(arrays[key].tobytes()).hexdigest()
         if digest != expected:

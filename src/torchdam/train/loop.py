@@ -410,7 +410,7 @@ class Trainer:
                 metadata = f.metadata() or {}
             state = load_file(str(path))
         except Exception as e:  # missing file, or safetensors' own SafetensorError
-            raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+            raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from e
         if "sha256" not in metadata:
             raise CheckpointError(f"{path}: no checksum in it (not written by this torchdam), so it cannot be "
                                   "verified; train again, or ship the last epoch (--checkpoint last)")

@@ -651,3 +651,32 @@ def test_overwrite_does_not_resurrect_a_half_swapped_compacted_model(run, capsys
     one_line(*cli(["--out", str(run), "--overwrite"], capsys))
     assert not (run / "compacted").exists() and not (run / ".compacted.old.tmp").exists()
     assert not (run / "report.json").exists()  # nothing of the earlier run is left to mix with this one
+
+
+def test_an_unwritable_checkpoints_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    import torchdam.cli.prune as prune_module
+
+    real = tempfile.TemporaryFile
+
+    def refusing(*a, dir=None, **kw):  # root ignores permission bits, so simulate them
+        if dir is not None and Path(dir).name == "checkpoints":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(prune_module.tempfile, "TemporaryFile", refusing)
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    err = one_line(*cli(["--out", str(tmp_path / "out")], capsys))
+    assert f"{tmp_path / 'out' / 'checkpoints'} is not writable (Permission denied)" in err
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+def test_a_lambda_on_an_accelerator_is_checked_without_reading_it():
+    from torchdam.attach import _check_lambda
+
+    _check_lambda(torch.tensor(-1.0, device="meta"))  # its value would need a device sync: not read
+    with pytest.raises(ConfigError, match="0-dim real tensor"):
+        _check_lambda(torch.ones(2, device="meta"))
+    with pytest.raises(ConfigError, match="0-dim real tensor"):
+        _check_lambda(torch.tensor(True, device="meta"))

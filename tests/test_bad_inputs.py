@@ -6,6 +6,7 @@ import os
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,17 @@ CLI = [
     (["--layers", "nothing.here*", "--limit", "100"], "matched no layer"),
     (["--resume", "{tmp}/never-ran"], "nothing to resume"),
     (["--out", "{tmp}/a-file/out"], "is not writable"),
+    # every option is checked before the first epoch: bounds a run could only trip over later
+    (["--seed", "-1"], "seed must be between 0 and 2**63-1"),
+    (["--seed", str(2**64)], "seed must be between 0 and 2**63-1"),
+    (["--batch-size", str(10**19)], "batch_size must be <= 2147483647"),
+    (["--lr", "1e39"], "lr must be at most 3.403e+38"),
+    (["--lam", "1e39"], "lam must be at most 3.403e+38"),
+    (["--beta-lr", "1e39"], "beta_lr must be at most 3.403e+38"),
+    (["--latency-repeats", "0"], "latency_repeats must be a whole number >= 1"),
+    (["--min-width", "0"], "min_width must be a whole number >= 1"),
+    (["--limit", str(2**40)], "limit must be a positive number of training examples (and <= 2**31-1)"),
+    (["--out", "{tmp}/a-file"], "is not writable"),
 ]
 
 
@@ -73,6 +85,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, caps
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
     assert (tmp_path / "a-file").read_text() == "keep me"
+    assert not (tmp_path / "out" / "log.jsonl").exists()  # refused before the first epoch
 
 
 def broken_run(folder, last: bytes, prev: bytes | None = None):
@@ -172,6 +185,34 @@ API = [
     ("resume from nothing", lambda: torchdam.Trainer(mlp(), config()).fit(data(), resume="/nonexistent"),
      CheckpointError, "no checkpoint"),
     ("load a non-model folder", lambda: torchdam.load("/nonexistent"), CheckpointError, "no saved model"),
+    # numeric options of penalty / DAMGate / attach, as Python, numpy and tensor values
+    ("penalty tensor -1", lambda: torchdam.penalty(mlp(), torch.tensor(-1.0)), ConfigError, "lambda must be >= 0"),
+    ("penalty nan", lambda: torchdam.penalty(mlp(), math.nan), ConfigError, "lambda must be a finite number"),
+    ("penalty numpy inf", lambda: torchdam.penalty(mlp(), np.float32("inf")), ConfigError,
+     "lambda must be a finite number"),
+    ("penalty tensor nan", lambda: torchdam.penalty(mlp(), torch.tensor(math.nan)), ConfigError,
+     "lambda must be a finite number"),
+    ("penalty 2-element tensor", lambda: torchdam.penalty(mlp(), torch.ones(2)), ConfigError, "0-dim real tensor"),
+    ("penalty True", lambda: torchdam.penalty(mlp(), True), ConfigError, "lambda must be a number"),
+    ("penalty string", lambda: torchdam.penalty(mlp(), "0.1"), ConfigError, "lambda must be a number"),
+    ("gate k inf", lambda: torchdam.DAMGate(4, k=math.inf), ConfigError, "k must be a finite number"),
+    ("gate k numpy nan", lambda: torchdam.DAMGate(4, k=np.float64("nan")), ConfigError, "k must be a finite number"),
+    ("gate k 1e39", lambda: torchdam.DAMGate(4, k=1e39), ConfigError, "k <= "),
+    ("gate alpha nan", lambda: torchdam.DAMGate(4, alpha=math.nan), ConfigError, "alpha must be a finite number"),
+    ("gate alpha tensor 0", lambda: torchdam.DAMGate(4, alpha=torch.tensor(0.0)), ConfigError, "alpha != 0"),
+    ("gate alpha 1e20", lambda: torchdam.DAMGate(4, alpha=1e20), ConfigError, "alpha\\*\\*2 must be a float32"),
+    ("gate beta_init nan", lambda: torchdam.DAMGate(4, beta_init=math.nan), ConfigError,
+     "beta_init must be a finite number"),
+    ("gate beta_init string", lambda: torchdam.DAMGate(4, beta_init="1"), ConfigError, "beta_init must be a real"),
+    ("gate n True", lambda: torchdam.DAMGate(True), ConfigError, "positive whole number of units"),
+    ("gate n 4.0", lambda: torchdam.DAMGate(4.0), ConfigError, "positive whole number of units"),
+    ("gate n 10**12", lambda: torchdam.DAMGate(10**12), ConfigError, "n <= 2147483647"),
+    ("gate n numpy 0", lambda: torchdam.DAMGate(np.int64(0)), ConfigError, "1 <= n"),
+    ("attach k inf", lambda: torchdam.attach(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), k=math.inf),
+     ConfigError, "k must be a finite number"),
+    ("attach beta_init tensor nan", lambda: torchdam.attach(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)),
+                                                            beta_init=torch.tensor(math.nan)),
+     ConfigError, "beta_init must be a finite number"),
 ]
 
 

@@ -96,7 +96,7 @@ def test_decoded_arrays_are_cached_on_disk_by_sha256(tmp_path, monkeypatch) -> N
     assert first["train_images"].shape == (30, 3, 32, 32) and first["test_images"].shape == (30, 3, 32, 32)
     assert sorted(np.bincount(first["train_labels"]).tolist()) == [3] * 10
     assert sorted(p.name for p in (tmp_path / "cache" / f"cifar10-{digest}").iterdir()) == [
-        "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
+        "sha256.json", "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
 
     cifar10_module._cached.cache_clear()
     monkeypatch.setattr(cifar10_module, "_decode", lambda path: pytest.fail("decoded again"))

@@ -137,7 +137,11 @@ def test_resume_refuses_other_options_and_other_models(tmp_path):
     fit(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"lam: 0.5 -> 0.1"):
         fit(tmp_path / "run", resume=tmp_path / "run", lam=0.1)
-    other = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 2))
+    narrower = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 2))
+    torchdam.attach(narrower)
+    with pytest.raises(ConfigError, match=r"gates.0.n: 32 -> 8"):  # the gates are part of a run's identity
+        torchdam.Trainer(narrower, config(), out_dir=tmp_path / "run").fit(*loaders(), resume=tmp_path / "run")
+    other = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))  # same gate, other output layer
     torchdam.attach(other)
     with pytest.raises(CheckpointError, match="does not match this model"):
         torchdam.Trainer(other, config(), out_dir=tmp_path / "run").fit(*loaders(), resume=tmp_path / "run")

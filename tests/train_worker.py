@@ -7,8 +7,9 @@ Writes OUT/result.json (rank 0): final betas as float.hex (so equality is bit-eq
 widths, per-epoch records without timings, and a digest of every tensor of the model.
 ``--pause-at K`` prints PAUSED and sleeps at the K-th training step (before its backward),
 so the parent can SIGKILL it there. ``--ddp`` trains a full run, a run that crashes on
-every rank at step 7, and a resume of the crashed one, and also records per rank the
-final betas and how many checkpoints that rank wrote.
+every rank at step 10 (the last checkpoint, at step 9, is 3 steps into epoch 2: each rank
+resumes its own partial epoch sums), and a resume of the crashed one, and also records per
+rank the final betas and how many checkpoints that rank wrote.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchdam
 import torchdam.train.loop as train_module
 from torchdam import distributed
+from torchdam.checkpoint import load_checkpoint
 
 CONFIG = dict(epochs=3, batch_size=16, lr=0.05, lam=0.5, beta_lr=0.05, cold_start=1,
               checkpoint_every=3, progress=False)
@@ -113,10 +115,11 @@ def main() -> None:
     train_module.save_checkpoint = counting_save
     full_net, full_records = train(args.out / "full", device)
     try:
-        train(args.out / "crashed", device, crash_at=7)
+        train(args.out / "crashed", device, crash_at=10)
         sys.exit("the crash did not happen")
     except Crash:
         pass
+    crash_checkpoint = load_checkpoint(args.out / "crashed" / "checkpoints" / "ckpt-last.pt")
     resumed_net, resumed_records = train(args.out / "crashed", device, resume=True)
     per_rank = [None] * distributed.world_size()
     dist.all_gather_object(per_rank, {"rank": distributed.rank(), "saves": saves[0],
@@ -124,7 +127,9 @@ def main() -> None:
     if distributed.is_main_process():
         (args.out / "result.json").write_text(json.dumps({
             "world_size": distributed.world_size(), "full": summary(full_net, full_records),
-            "resumed": summary(resumed_net, resumed_records), "per_rank": per_rank}))
+            "resumed": summary(resumed_net, resumed_records), "per_rank": per_rank,
+            "resumed_from": {k: crash_checkpoint[k] for k in ("epoch", "step_in_epoch")},
+            "tallies_seen": [t["seen"] for t in crash_checkpoint["tallies"]]}))
     distributed.shutdown()
 
 

@@ -17,10 +17,13 @@ acts on its output projection's input; fused kernels that would skip gates are t
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -504,13 +507,38 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [g.beta for _, g in named_gates(model)]
 
 
+def _check_lambda(lam: object) -> None:
+    """ConfigError unless ``lam`` is a usable penalty weight (see :func:`penalty`)."""
+    if type(lam) is float or type(lam) is int:  # the common case first: no other work per step
+        value = lam
+    elif isinstance(lam, Tensor):
+        if lam.dim() != 0 or lam.dtype == torch.bool or lam.is_complex():
+            raise ConfigError(f"lambda must be a 0-dim real tensor, got a {lam.dtype} tensor of shape "
+                              f"{tuple(lam.shape)}")
+        if lam.device.type != "cpu":
+            return  # reading it would wait for the device every step
+        value = lam.item()
+    elif isinstance(lam, numbers.Real) and not isinstance(lam, (bool, np.bool_)):
+        value = float(lam)
+    else:
+        raise ConfigError(f"lambda must be a number >= 0, got {lam!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"lambda must be a finite number, got {value}")
+    if value < 0:
+        raise ConfigError(f"lambda must be >= 0, got {value}")
+
+
 def penalty(model: nn.Module, lam: float | Tensor) -> Tensor:
     """``lam * mean_i clamp(beta_i, min=-5)`` over the model's gates (PAPER.md section 2).
 
     The clamp stops betas sinking without bound once a layer is already fully off.
+
+    ``lam`` is a finite number >= 0: a Python or numpy real, or a 0-dim real tensor; anything
+    else is a :class:`ConfigError`. It runs every step, so the check never waits for a
+    device: a tensor ``lam`` on the CPU is checked in full, one on an accelerator only for
+    its shape and dtype (its value is not read; keep it finite and >= 0 yourself).
     """
-    if isinstance(lam, (int, float)) and lam < 0:
-        raise ConfigError(f"lambda must be >= 0, got {lam}")
+    _check_lambda(lam)
     betas = gate_parameters(model)
     if not betas:
         raise AttachError("penalty: the model has no DAM gates; call torchdam.attach(model) first")

@@ -26,6 +26,7 @@ import pickle
 import random
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ import torch
 from torchdam.atomic import fsync_dir
 from torchdam.errors import CheckpointError, DiskFullError
 
-__all__ = ["LAST", "PREV", "find_checkpoints", "get_rng_state", "load_checkpoint", "load_latest",
-           "save_checkpoint", "set_rng_state"]
+__all__ = ["LAST", "PREV", "find_checkpoints", "fingerprint", "get_rng_state", "load_checkpoint", "load_latest",
+           "save_checkpoint", "set_rng_state", "state_digest"]
 
 LAST = "ckpt-last.pt"
 PREV = "ckpt-prev.pt"
@@ -122,15 +123,46 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     return state
 
 
+def _update(digest, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every key, dtype, shape and byte, in key order. Stored
+    beside tensors that are read back later (``best.safetensors``) to catch a flipped bit."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode() + b"\0")
+        _update(digest, state[key])
+    return digest.hexdigest()
+
+
+def fingerprint(*tensors: torch.Tensor | Iterable[torch.Tensor]) -> str:
+    """SHA-256 of tensors' dtypes, shapes and bytes, in order (iterables of tensors are
+    flattened): a run's data identity, e.g. ``fingerprint(train_x, train_y)``, recorded
+    in its checkpoints so a resume on other data is refused."""
+    digest = hashlib.sha256()
+    for item in tensors:
+        for t in ([item] if isinstance(item, torch.Tensor) else item):
+            _update(digest, t)
+    return digest.hexdigest()
+
+
 def find_checkpoints(directory: str | Path) -> list[Path]:
     """The checkpoints in ``directory``, newest first."""
     directory = Path(directory)
     return [p for p in (directory / LAST, directory / PREV) if p.is_file()]
 
 
-def load_latest(directory: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[dict, Path]:
+def load_latest(directory: str | Path, map_location: str | torch.device | None = "cpu",
+                validate: Callable[[dict, Path], None] | None = None) -> tuple[dict, Path]:
     """Load the newest good checkpoint in ``directory``: ``ckpt-last.pt``, or with a
-    warning ``ckpt-prev.pt`` when the latest one is damaged. Returns ``(state, path)``."""
+    warning ``ckpt-prev.pt`` when the latest one is damaged. Returns ``(state, path)``.
+
+    ``validate(state, path)`` may raise :class:`CheckpointError` for a state that loads but
+    is malformed; such a checkpoint counts as damaged too."""
     directory = Path(directory)
     candidates = find_checkpoints(directory)
     if not candidates:
@@ -139,6 +171,8 @@ def load_latest(directory: str | Path, map_location: str | torch.device | None =
     for path in candidates:
         try:
             state = load_checkpoint(path, map_location)
+            if validate is not None:
+                validate(state, path)
         except CheckpointError as err:
             errors.append(str(err))
             continue

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from torchdam.errors import DistributedError
 
-__all__ = ["all_ok", "barrier", "check_same", "init_from_env", "is_distributed", "is_main_process",
-           "rank", "sampler", "shutdown", "sum_across", "world_size", "wrap"]
+__all__ = ["all_ok", "barrier", "check_same", "gather_rows", "init_from_env", "is_distributed",
+           "is_main_process", "rank", "sampler", "shutdown", "sum_across", "world_size", "wrap"]
 
 
 def is_distributed() -> bool:
@@ -93,6 +93,17 @@ def sum_across(*values: Tensor) -> list[Tensor]:
     flat = torch.stack([v.detach().double().reshape(()) for v in values])
     dist.all_reduce(flat)
     return [flat[i].to(v.dtype) for i, v in enumerate(values)]
+
+
+def gather_rows(row: Tensor) -> Tensor:
+    """Every rank's ``row`` (same shape and dtype on each), stacked in rank order:
+    ``(world_size, *row.shape)``, on every rank. Not distributed: ``row[None]``."""
+    if not is_distributed():
+        return row.unsqueeze(0)
+    mine = row.detach().to(_device()).contiguous()
+    gathered = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(gathered, mine)
+    return torch.stack(gathered)
 
 
 def all_ok(ok: bool) -> bool:

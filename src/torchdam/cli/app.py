@@ -1,7 +1,8 @@
 """``torchdam`` command line: thin, it parses options and calls the library.
 
 Every error torchdam raises on purpose (:class:`torchdam.errors.TorchDAMError`) becomes
-one line on stderr and exit code 2; so does a bad option (typer/click's own usage error).
+one line on stderr and exit code 2; so does a bad option (typer/click's own usage error)
+and any file system error (``OSError``).
 Ctrl-C is exit code 130 (128 + SIGINT, the shell's convention), after `prune` has saved a
 checkpoint that `--resume` continues from.
 
@@ -64,6 +65,8 @@ def prune(
     penalty: Optional[str] = typer.Option(
         None, help="cost (each layer pulled by what its units cost; default with a target) or uniform (the paper's mean)"),
     round_to: int = typer.Option(1, help="with a target: every compacted width a multiple of N"),
+    overwrite: bool = typer.Option(
+        False, help="replace the outputs of an earlier run in --out (without it, such a folder is refused)"),
 ) -> None:
     """Train with DAM gates, compact, and report accuracy, widths, params, FLOPs, latency.
 
@@ -75,7 +78,7 @@ def prune(
     job = PruneJob(
         model=model, data=data, gate=gate, layers=tuple(layers), exclude=tuple(exclude), limit=limit,
         min_width=min_width, checkpoint=checkpoint, latency_repeats=latency_repeats,
-        out_dir=resume or out, resume=resume is not None,
+        out_dir=resume or out, resume=resume is not None, overwrite=overwrite,
         train=TrainConfig(
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
             weight_decay=weight_decay, beta_lr=beta_lr, lam=lam, cold_start=cold_start,
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except TorchDAMError as exc:
         typer.echo(f"torchdam: error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # a file system failure torchdam did not name itself: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"torchdam: error: {where}{exc.strerror or exc}; files written before are intact", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -7,14 +7,19 @@ published CIFAR-10 numbers; we call it "CIFAR-10 (JPEG copy)" wherever we report
 
 The zip is pinned by its sha256. Decoding 60,000 JPEGs takes a while on 2 cores, so the
 decoded arrays are cached as ``.npy`` files under ``~/.cache/torchdam/`` in a folder named
-after that sha256: a different zip can never be served from a stale cache.
+after that sha256: a different zip can never be served from a stale cache. Beside them,
+``sha256.json`` records each decoded array's sha256 (written last); a cache whose arrays
+do not match it (edited labels, zeroed images, a missing or partial file) is decoded again
+from the zip, with a warning.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import io
+import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -38,6 +43,7 @@ STD = (0.2452, 0.2428, 0.2606)
 # The zip is sorted by class and file name; this fixed seed gives every run the same order.
 SHUFFLE_SEED = 0
 _KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+MANIFEST = "sha256.json"
 
 
 def sha256_of(path: Path) -> str:
@@ -68,21 +74,49 @@ def cifar10_arrays(root: str | os.PathLike | None = None, *, sha256: str = ZIP_S
     return dict(_cached(str(path), digest))
 
 
+def _array_sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _read_cache(folder: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays if every one matches ``sha256.json``, else ``None`` (with a
+    warning when a cache was there but is damaged)."""
+    files = {k: folder / f"{k}.npy" for k in _KEYS}
+    if not folder.is_dir() or not any(f.exists() for f in files.values()):
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        arrays = {k: np.load(f, allow_pickle=False) for k, f in files.items()}
+        bad = [k for k, a in arrays.items() if _array_sha256(a) != manifest.get(k)]
+    except (OSError, ValueError, AttributeError) as err:  # missing/partial file, bad JSON or npy
+        bad = [f"{type(err).__name__}: {err}"]
+    if not bad:
+        return arrays
+    warnings.warn(f"the decoded CIFAR-10 cache in {folder} does not match its {MANIFEST} ({', '.join(bad)[:200]}); "
+                  "decoding the zip again", stacklevel=3)
+    return None
+
+
 @functools.lru_cache(maxsize=4)
 def _cached(path: str, digest: str) -> dict[str, np.ndarray]:
     folder = cache_dir() / f"cifar10-{digest}"
-    files = {k: folder / f"{k}.npy" for k in _KEYS}
-    if all(f.is_file() for f in files.values()):
-        try:
-            return _read_only({k: np.load(f) for k, f in files.items()})
-        except (OSError, ValueError):
-            pass  # a truncated cache file: decode again and overwrite it
+    arrays = _read_cache(folder)
+    if arrays is not None:
+        return _read_only(arrays)
     arrays = _decode(Path(path))
-    folder.mkdir(parents=True, exist_ok=True)
-    for key, file in files.items():
-        tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arrays[key])
-        os.replace(tmp, file)  # atomic: a concurrent reader never sees half a file
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for key in _KEYS:
+            file = folder / f"{key}.npy"
+            tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, arrays[key])
+            os.replace(tmp, file)  # atomic: a concurrent reader never sees half a file
+        sums = json.dumps({k: _array_sha256(arrays[k]) for k in _KEYS}, indent=1)
+        tmp = folder / f"{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(sums)
+        os.replace(tmp, folder / MANIFEST)  # last: a cache without it is never trusted
+    except OSError as err:  # an unwritable cache only costs the next run a decode
+        warnings.warn(f"cannot cache the decoded CIFAR-10 arrays in {folder} ({err.strerror or err})", stacklevel=3)
     return _read_only(arrays)
 
 
@@ -119,7 +153,8 @@ def _decode(path: Path) -> dict[str, np.ndarray]:
 
 def cifar10(root: str | os.PathLike | None = None, sha256: str = ZIP_SHA256) -> ImageArrays:
     """CIFAR-10 (JPEG copy) with this copy's per-channel normalisation constants."""
-    return ImageArrays(cifar10_arrays(root, sha256=sha256), mean=MEAN, std=STD, num_classes=10)
+    return ImageArrays(cifar10_arrays(root, sha256=sha256), mean=MEAN, std=STD, num_classes=10,
+                       source=f"CIFAR-10 {data_dir(root) / ZIP_NAME}")
 
 
 class RandomCropFlip(TensorDataset):

@@ -5,6 +5,7 @@ Its field defaults are THE defaults: the ``torchdam`` command line reads them fr
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from torchdam.errors import ConfigError
@@ -14,6 +15,12 @@ SCHEDULES = ("cosine", "step", "none")
 LOG_FORMATS = ("jsonl", "csv")
 #: Options that may change between a run and its resume without changing its result.
 RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "log_format"})
+#: Seeds are handed to torch (64 bits), numpy and DistributedSampler (seed + epoch).
+MAX_SEED = 2**63 - 1
+#: A batch or epoch count beyond this cannot be indexed (``sys.maxsize`` on 32-bit builds).
+MAX_COUNT = 2**31 - 1
+#: The optimiser computes in float32: a larger lr, decay or lambda is inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_whole(key: str, value: object) -> None:
@@ -22,8 +29,13 @@ def check_whole(key: str, value: object) -> None:
 
 
 def check_finite(key: str, value: object) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+    """A finite int/float (not a bool) that float32 can hold, or None."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{key} must be at most {FLOAT32_MAX:.4g} (training computes in float32), got {value!r}")
 
 
 def check_lam(lam: object) -> None:
@@ -79,15 +91,24 @@ class TrainConfig:
     round_to: int = 1
 
     def __post_init__(self) -> None:
-        self.milestones = tuple(int(m) for m in self.milestones)
+        try:
+            self.milestones = tuple(self.milestones)
+        except TypeError:
+            raise ConfigError(f"milestones must be a sequence of whole numbers, got {self.milestones!r}") from None
         for key in ("epochs", "batch_size", "cold_start", "seed", "checkpoint_every"):
             check_whole(key, getattr(self, key))
+        if any(isinstance(m, bool) or not isinstance(m, numbers.Integral) for m in self.milestones):
+            raise ConfigError(f"milestones must be whole numbers, got {self.milestones!r}")
+        self.milestones = tuple(int(m) for m in self.milestones)
         for key in ("lr", "beta_lr", "momentum", "weight_decay", "beta_weight_decay", "gamma"):
             check_finite(key, getattr(self, key))
         check_lam(self.lam)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.epochs <= MAX_COUNT, f"epochs must be <= {MAX_COUNT}, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.batch_size <= MAX_COUNT, f"batch_size must be <= {MAX_COUNT}, got {self.batch_size}"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be between 0 and 2**63-1, got {self.seed}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.beta_lr is None or self.beta_lr >= 0, f"beta_lr must be >= 0, got {self.beta_lr}"),
             (self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}"),
@@ -104,6 +125,7 @@ class TrainConfig:
             (self.gamma > 0, f"gamma must be > 0, got {self.gamma}"),
             (all(m >= 0 for m in self.milestones), f"milestones must be >= 0, got {self.milestones}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.checkpoint_every <= MAX_SEED, f"checkpoint_every must be <= 2**63-1, got {self.checkpoint_every}"),
         ]
         for ok, message in checks:
             if not ok:

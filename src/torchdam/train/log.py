@@ -3,9 +3,13 @@ training state are :mod:`torchdam.checkpoint`)."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import tempfile
 from pathlib import Path
+
+from torchdam.atomic import fsync_dir
 
 
 class RunLog:
@@ -17,16 +21,20 @@ class RunLog:
         self.path = path
         self.fmt = fmt
         self.writer: csv.DictWriter | None = None
-        tmp = path.with_name(f".{path.name}.tmp")
-        self.file = open(tmp, "w", newline="")
+        # a new, exclusively created temporary (never a planted file or link), renamed over the log
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self.file = os.fdopen(fd, "w", newline="")
         try:
             for record in records:
                 self.write(record)
             os.fsync(self.file.fileno())
+            if path.is_dir() and not path.is_symlink():
+                raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         except BaseException:
             self.file.close()
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
             raise
 
     def write(self, record: dict) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -44,18 +45,19 @@ from torchdam import distributed
 from torchdam.atomic import write_atomic
 from torchdam.attach import named_gates
 from torchdam.budget import Budget, budget_from_config, warn_if_nothing_removed
-from torchdam.checkpoint import get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state
+from torchdam.checkpoint import (get_rng_state, load_checkpoint, load_latest, save_checkpoint, set_rng_state,
+                                 state_digest)
 from torchdam.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from torchdam.train.batch import ForwardFn, batch_size, default_forward, to_device
 from torchdam.train.config import RESUMABLE_CHANGES, TrainConfig, lr_factor
 from torchdam.train.log import RunLog
 from torchdam.train.policy import DAMPolicy, build_optimizer
+from torchdam.train.state import STATE_FORMAT, check_state, differences, is_plain
 
 #: The progress bar's postfix needs a host sync; refresh it only this often.
 POSTFIX_EVERY = 20
 BEST_FILE = "best.safetensors"
 CHECKPOINT_DIR = "checkpoints"
-STATE_FORMAT = "torchdam-train"
 
 
 def _has_accuracy(out: Any, y: Any) -> bool:
@@ -99,6 +101,17 @@ class _Tally:
     def state(self) -> dict:
         return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
                 "classifies": self.classifies}
+
+    def states_of_every_rank(self) -> list[dict]:
+        """Every rank's :meth:`state`, gathered (a collective: every rank must call it).
+        Ranks train on different shards, so each one resumes its own partial sums."""
+        row = torch.stack([self.loss.detach().double(), self.correct.double(),
+                           torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss.device),
+                           torch.tensor(float(self.classifies), dtype=torch.float64, device=self.loss.device)])
+        # float64 holds every float32 loss sum and every count below 2**53 exactly
+        return [{"loss": r[0].to(self.loss.dtype).cpu(), "correct": r[1].to(torch.int64).cpu(),
+                 "seen": int(r[2].item()), "classifies": bool(r[3].item())}
+                for r in distributed.gather_rows(row)]
 
     def load(self, state: dict) -> None:
         self.loss.copy_(state["loss"])
@@ -171,6 +184,11 @@ class Trainer:
             baseline's sparsity term: L1 on BatchNorm scales, an expected-L0 count).
         budget: a :class:`torchdam.Budget` (or ``config.target_flops``/``target_params``):
             train to that size instead of with ``lam`` (see :mod:`torchdam.budget`).
+        identity: what else makes this run the run it is, beyond ``config`` (model and data
+            names, a data :func:`torchdam.checkpoint.fingerprint`, ...): plain values
+            (str, int, float, bool, None, lists/tuples/dicts of them). It is checkpointed with
+            the gates' types and sizes and the world size, and a resume whose identity differs
+            in any of them is refused.
 
     Under ``torchrun`` (see :mod:`torchdam.distributed`) the model is trained in DDP and
     only rank 0 writes files.
@@ -186,9 +204,14 @@ class Trainer:
         extra_penalty: Callable[[nn.Module], Tensor] | None = None,
         forward_fn: ForwardFn = default_forward,
         budget: Budget | None = None,
+        identity: dict | None = None,
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
+        if identity is not None and not (isinstance(identity, dict) and is_plain(identity)):
+            raise ConfigError(f"Trainer's identity must be a dict of plain values (str, int, float, bool, None "
+                              f"and lists/tuples/dicts of them), got {identity!r}"[:300])
+        self.identity = dict(identity or {})
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.config = config
@@ -416,22 +439,37 @@ class Trainer:
             return
         self._best_state = None
         self.best_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.best_path, lambda tmp: save_file(state, str(tmp), metadata={"epoch": str(epoch)}),
+        metadata = {"epoch": str(epoch), "sha256": state_digest(state)}
+        write_atomic(self.best_path, lambda tmp: save_file(state, str(tmp), metadata=metadata),
                      "the best checkpoint")
 
     def restore_best(self) -> nn.Module:
         """Load the best-validation weights back into the model and return it."""
         if self.best_epoch is None:
             raise CheckpointError("no best checkpoint yet: call fit() with a val_loader first")
-        if self._best_state is not None:
-            state = self._best_state
-        else:
-            try:
-                state = load_file(str(self.best_path), device=str(self.device))
-            except Exception as e:  # missing file, or safetensors' own SafetensorError
-                raise CheckpointError(f"cannot read {self.best_path}: {e}") from e
+        state = self._best_state if self._best_state is not None else self._read_best()
         self.model.load_state_dict(state)
         return self.model
+
+    def _read_best(self) -> dict[str, Tensor]:
+        """``best.safetensors``, verified against the SHA-256 and epoch stored in it."""
+        path = self.best_path
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as e:  # missing file, or safetensors' own SafetensorError
+            raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from e
+        if "sha256" not in metadata:
+            raise CheckpointError(f"{path}: no checksum in it (not written by this torchdam), so it cannot be "
+                                  "verified; train again, or ship the last epoch (--checkpoint last)")
+        if state_digest(state) != metadata["sha256"]:
+            raise CheckpointError(f"{path}: corrupted (checksum mismatch); ship the last epoch "
+                                  "(--checkpoint last) or train again")
+        if metadata.get("epoch") != str(self.best_epoch):
+            raise CheckpointError(f"{path}: holds epoch {metadata.get('epoch')}, but this run's best epoch is "
+                                  f"{self.best_epoch}; it belongs to another run")
+        return {k: v.to(self.device) for k, v in state.items()}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -440,12 +478,15 @@ class Trainer:
         it worked, so all of them raise together)."""
         if self.out_dir is None:
             return
+        # every rank's partial epoch sums (a collective, so before rank 0 alone writes)
+        tallies = tally.states_of_every_rank() if tally is not None and distributed.is_distributed() else None
         error = None
         if self._writes:
             position = self._position
             state = {
                 "format": STATE_FORMAT,
                 "config": asdict(self.config),
+                "identity": self.run_identity(),
                 "epoch": position.epoch,
                 "step_in_epoch": position.step_in_epoch,
                 "global_step": position.global_step,
@@ -455,6 +496,7 @@ class Trainer:
                 "rng": get_rng_state(),
                 "epoch_rng": position.epoch_rng,
                 "tally": tally.state() if tally is not None else None,
+                "tallies": tallies,
                 "best": {"acc": self.best_val_acc, "loss": self.best_val_loss, "epoch": self.best_epoch},
                 "records": self.records,
             }
@@ -467,33 +509,45 @@ class Trainer:
         if not distributed.all_ok(error is None):
             raise error or CheckpointError("rank 0 could not write the checkpoint; see its error")
 
+    def run_identity(self) -> dict:
+        """What a resume must match besides ``config``: the ``identity`` given, every gate's
+        type and size, and the number of processes (it sets the global batch)."""
+        gates = {name: {"class": type(g).__name__, "gate": g.gate, "n": g.n, "k": g.k, "alpha": g.alpha,
+                        "axis": g.axis} for name, g in self.gates.items()}
+        return {**self.identity, "gates": gates, "world_size": distributed.world_size()}
+
     def _load_state(self, resume: str | Path) -> None:
         path = Path(resume)
         if path.is_file():
             state = load_checkpoint(path)
+            check_state(state, path)
         else:
             folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-            state, path = load_latest(folder)
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path}: not a torchdam training checkpoint")
+            state, path = load_latest(folder, validate=check_state)
         saved, current = state["config"], asdict(self.config)
         changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ConfigError(f"{path}: cannot resume with different options ({diffs}); "
                               "use the options of the run being resumed")
+        diffs = differences(state["identity"], self.run_identity())
+        if diffs:
+            raise ConfigError(f"{path}: cannot resume a different run ({'; '.join(diffs)}); resume with the "
+                              "model, data, gates and options of the run being resumed, or start a new run")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as err:
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
             detail = " ".join(str(err).split())[:300]
             raise CheckpointError(f"{path}: does not match this model ({detail}); "
                                   "resume with the same model and layers") from None
         position = self._position
         position.epoch, position.step_in_epoch = state["epoch"], state["step_in_epoch"]
         position.global_step, position.epoch_rng = state["global_step"], state["epoch_rng"]
-        position.rng, position.tally = state["rng"], state["tally"]
+        tallies = state["tallies"]
+        position.rng = state["rng"]
+        position.tally = tallies[distributed.rank()] if tallies is not None else state["tally"]
         best = state["best"]
         self.best_val_acc, self.best_val_loss, self.best_epoch = best["acc"], best["loss"], best["epoch"]
         if self.best_epoch is not None and not (self.best_path and self.best_path.is_file()):
@@ -502,7 +556,11 @@ class Trainer:
         self.records = list(state["records"])
         if self.budget is not None and "budget" in state:
             self.budget.load_state_dict(state["budget"])
-        set_rng_state(state["rng"])
+        try:
+            set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+            raise CheckpointError(f"{path}: malformed RNG state ({' '.join(str(err).split())[:200]}); "
+                                  "resume from another checkpoint or start again") from None
 
     def _open_log(self) -> RunLog | None:
         if not self._writes:

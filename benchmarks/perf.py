@@ -39,7 +39,7 @@ from torch import nn
 
 import torchdam as dam
 from torchdam.atomic import write_atomic
-from torchdam.count import OnnxModel, count
+from torchdam.count import OnnxModel, count, interleaved
 from torchdam.models import build_model
 
 SHAPES = {"resnet20": (3, 32, 32), "resnet56": (3, 32, 32), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28)}
@@ -47,27 +47,6 @@ LAYERS = (nn.Linear, nn.Conv2d)
 ONNX_RTOL = 1e-4
 TARGET_OVERHEAD = 1.03
 TARGET_EFFICIENCY = 0.85
-
-
-def interleaved(fns: dict[str, Callable[[], object]], blocks: int, seconds: float) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured in ``blocks`` blocks per function with
-    the order alternating between blocks; each block lasts about ``seconds``."""
-    calls = {}
-    for name, fn in fns.items():
-        fn()  # warm-up (allocator, lazy init)
-        start = time.perf_counter()
-        fn()
-        calls[name] = max(1, round(seconds / max(time.perf_counter() - start, 1e-7)))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for b in range(blocks):
-        for name in names if b % 2 == 0 else names[::-1]:
-            fn, n = fns[name], calls[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times[name].append((time.perf_counter() - start) / n)
-    return times
 
 
 def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
@@ -280,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks, seconds, backend, infer_models = 11, 0.25, "inductor", ("lenet5", "resnet20")
     results = {
         "mode": "quick" if args.quick else "full",
-        "command": " ".join(["python", "benchmarks/perf.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.perf", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads(),
         "date": datetime.date.today().isoformat(),

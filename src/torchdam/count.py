@@ -261,6 +261,47 @@ def latency(model: nn.Module | OnnxModel, example_inputs, repeats: int = 30, war
     return 1000.0 * statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], blocks: int, seconds: float) -> dict[str, list[float]]:
+    """Seconds per call of each function in ``blocks`` blocks of about ``seconds`` each,
+    the order alternating between blocks, so that load on a shared machine hits both sides
+    of every pair alike (timing one model after the other does not)."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, round(seconds / max(time.perf_counter() - start, 1e-7)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for b in range(blocks):
+        for name in names if b % 2 == 0 else names[::-1]:
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - start) / n)
+    return times
+
+
+def paired_latency(dense: nn.Module, small: nn.Module, sample: torch.Tensor, batch_sizes=(1, 64),
+                   blocks: int = 30, seconds: float = 0.01) -> tuple[dict, dict, dict]:
+    """Median ms per forward of ``dense`` and ``small`` at each batch size, timed in
+    interleaved pairs of blocks, and the speed-up: the median of the per-pair ratios with
+    their quartiles (the spread)."""
+    before, after, speedup = {}, {}, {}
+    dense.eval(), small.eval()
+    for b in batch_sizes:
+        x = sample.expand(b, *sample.shape[1:]).contiguous()
+        with torch.inference_mode():
+            times = interleaved({"dense": lambda: dense(x), "small": lambda: small(x)}, blocks, seconds)
+        ratios = sorted(d / s for d, s in zip(times["dense"], times["small"], strict=True))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        before[f"latency_ms_b{b}"] = 1000.0 * statistics.median(times["dense"])
+        after[f"latency_ms_b{b}"] = 1000.0 * statistics.median(times["small"])
+        speedup[f"b{b}"] = {"median": statistics.median(ratios), "p25": q[0], "p75": q[2], "pairs": len(ratios)}
+    return before, after, speedup
+
+
 class OnnxModel:
     """``model`` exported with ``torch.onnx.export`` (eval mode, batch dimension dynamic) to
     ``path`` and run by ONNX Runtime on the CPU; called like the module, tensors in, tensors

@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> dict:
     live = sum(a for a, _ in widths.values())
     units = sum(t for _, t in widths.values())
     results: dict = {
-        "command": " ".join(["python", "benchmarks/profile_compacted.py", *args.argv]),
+        "command": " ".join(["python", "-m", "benchmarks.profile_compacted", *args.argv]),
         "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(), "iters": args.iters,
         "machine": f"{perf.cpu_name()} ({platform.machine()})", "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "units_dead": round(1 - live / units, 3),

@@ -1,17 +1,24 @@
-"""Compaction of CNN / RNN / LM families a new user would bring, written from scratch here
-(not the project's zoo): default ``attach``, a few real training steps with the penalty,
-mixed live/dead gates, ``compact`` under ``torch.no_grad()``, then the compacted model must
-equal the gated one on a fresh input and be strictly smaller in FLOPs and parameters."""
+"""Compaction of CNN / RNN / LM / recommender families a new user would bring, written from
+scratch here (not the project's zoo): default ``attach``, a few real training steps with the
+penalty, mixed live/dead gates, ``compact`` under ``torch.no_grad()``, then the compacted
+model must equal the gated one on a fresh input, be strictly smaller in FLOPs and
+parameters, carry no DAM state, round-trip ``torchdam.save``/``load`` exactly and export to
+ONNX (``tests/zoo_checks.py``)."""
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from zoo_checks import OnnxLimitation, assert_no_dam_state, assert_onnx_export, assert_save_load_round_trip
 
 import torchdam as dam
 from torchdam import AttachError, CompactionError, TorchDAMError
-from torchdam.compact import ScatterUnits, check_equivalent, default_rtol
+from torchdam.compact import ScatterUnits, call, check_equivalent, default_rtol
 
 # ------------------------------------------------------------------ families (from scratch)
 
@@ -254,6 +261,21 @@ class TiedLM(nn.Module):
         return self.head(self.fc2(F.relu(self.fc1(x))))
 
 
+class Recommender(nn.Module):
+    """Rating model with two inputs (NCF-style MLP): user ids and item ids -> two embeddings
+    -> concatenation -> MLP -> one rating per (user, item) pair."""
+
+    def __init__(self, users: int = 30, items: int = 40, dim: int = 8) -> None:
+        super().__init__()
+        self.user_embed, self.item_embed = nn.Embedding(users, dim), nn.Embedding(items, dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+        self.rating = nn.Linear(16, 1)
+
+    def forward(self, users: Tensor, items: Tensor) -> Tensor:
+        x = torch.cat([self.user_embed(users), self.item_embed(items)], -1)
+        return self.rating(self.mlp(x)).squeeze(-1)
+
+
 # ------------------------------------------------------------------ the zoo test
 
 def images(size: int):
@@ -308,17 +330,39 @@ def check_tied_lm(small, widths):
     assert small.fc1.out_features == widths["fc1"][0]
 
 
+def check_recommender(small, widths):
+    assert list(widths) == ["mlp.0", "mlp.2"]  # the MLP's hidden Linears; embeddings and output not by default
+    assert small.mlp[0].out_features == small.mlp[2].in_features == widths["mlp.0"][0] < 32
+    assert small.mlp[2].out_features == small.rating.in_features == widths["mlp.2"][0] < 16
+    assert small.user_embed.embedding_dim == small.item_embed.embedding_dim == small.mlp[0].in_features // 2 == 8
+
+
+def user_item_pairs(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    return torch.randint(0, 30, (n,), generator=gen), torch.randint(0, 40, (n,), generator=gen)
+
+
+@dataclass(frozen=True)
+class Family:
+    make: Callable[[], nn.Module]
+    inputs: Callable[[int, torch.Generator], object]  # a tensor, or a tuple of positional inputs
+    check: Callable[[nn.Module, dict], None]  # the compacted model's shapes
+    onnx: OnnxLimitation | None = None  # every family here exports
+
+
 FAMILIES = {
-    "mobilenet_v2": (MobileNetV2ish, images(32), check_mobilenet),
-    "convnext": (ConvNeXtish, images(32), check_convnext),
-    "resnet18": (ResNet18ish, images(32), check_resnet),
-    "densenet": (DenseNetish, images(16), check_densenet),
-    "unet": (UNetish, images(16), check_unet),
-    "audio_conv1d": (AudioConv1d, lambda n, gen: torch.randn(n, 1, 400, generator=gen), check_audio),
-    "lstm_classifier": (lambda: RNNClassifier(nn.LSTM), lambda n, gen: torch.randn(n, 7, 6, generator=gen), check_rnn),
-    "gru_classifier": (lambda: RNNClassifier(nn.GRU), lambda n, gen: torch.randn(n, 7, 6, generator=gen), check_rnn),
-    "tied_lm_mlp": (TiedLM, tokens, check_tied_lm),
-    "tied_lm_lstm": (lambda: TiedLM(recurrent=True), tokens, check_tied_lm),
+    "mobilenet_v2": Family(MobileNetV2ish, images(32), check_mobilenet),
+    "convnext": Family(ConvNeXtish, images(32), check_convnext),
+    "resnet18": Family(ResNet18ish, images(32), check_resnet),
+    "densenet": Family(DenseNetish, images(16), check_densenet),
+    "unet": Family(UNetish, images(16), check_unet),
+    "audio_conv1d": Family(AudioConv1d, lambda n, gen: torch.randn(n, 1, 400, generator=gen), check_audio),
+    "lstm_classifier": Family(lambda: RNNClassifier(nn.LSTM), lambda n, gen: torch.randn(n, 7, 6, generator=gen),
+                              check_rnn),
+    "gru_classifier": Family(lambda: RNNClassifier(nn.GRU), lambda n, gen: torch.randn(n, 7, 6, generator=gen),
+                             check_rnn),
+    "tied_lm_mlp": Family(TiedLM, tokens, check_tied_lm),
+    "tied_lm_lstm": Family(lambda: TiedLM(recurrent=True), tokens, check_tied_lm),
+    "recommender_two_inputs": Family(Recommender, user_item_pairs, check_recommender),
 }
 
 
@@ -328,31 +372,43 @@ def train_steps(model: nn.Module, inputs, steps: int = 3, lam: float = 0.5) -> N
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     for _ in range(steps):
-        out = model(inputs(8, gen))
+        out = call(model, inputs(8, gen))
         loss = F.mse_loss(out, torch.randn(out.shape, generator=gen)) + dam.penalty(model, lam)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
-def assert_same_outputs(gated: nn.Module, small: nn.Module, x: Tensor, rtol: float = 1e-5) -> None:
+def assert_same_outputs(gated: nn.Module, small: nn.Module, x, rtol: float = 1e-5) -> None:
+    """``x``: a tensor or a tuple of positional inputs."""
     was_training = gated.training
     gated.eval()
     with torch.no_grad():
-        ref, out = gated(x), small(x)
+        ref, out = call(gated, x), call(small, x)
     gated.train(was_training)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     diff = (ref.float() - out.float()).abs().max().item()
     assert diff <= rtol * max(1.0, ref.float().abs().max().item()), diff
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_compacts_exactly_under_no_grad_after_training(family):
-    make, inputs, check = FAMILIES[family]
+@dataclass
+class Compacted:
+    gated: nn.Module
+    small: nn.Module
+    widths: dict
+    example: object
+    fresh: object
+
+
+@functools.cache
+def compacted(family: str) -> Compacted:
+    """Default attach, a few training steps, mixed live/dead gates, compact under no_grad;
+    once per family (the tests below share it and do not change it)."""
+    fam = FAMILIES[family]
     torch.manual_seed(0)
-    model = make()
+    model = fam.make()
     gates = dam.attach(model)  # the default selection
-    train_steps(model, inputs)
+    train_steps(model, fam.inputs)
     assert all(g.beta.item() < 1.0 for g in gates.values())  # the penalty pushed every beta down
     for g in gates.values():
         if g.n >= 4:
@@ -360,17 +416,39 @@ def test_family_compacts_exactly_under_no_grad_after_training(family):
     widths = dam.widths(model)
     assert all(0 < live < n for live, n in widths.values() if n >= 4), widths
     gen = torch.Generator().manual_seed(1)
-    example, fresh = inputs(4, gen), inputs(3, gen)
+    example, fresh = fam.inputs(4, gen), fam.inputs(3, gen)
     assert model.training
     with torch.no_grad():
         small = dam.compact(model, example)
         assert not torch.is_grad_enabled()
     assert model.training and torch.is_grad_enabled()
-    assert not any(isinstance(m, dam.DAMGate) for m in small.modules())
-    assert_same_outputs(model, small, fresh)
-    before, after = dam.count(model, fresh), dam.count(small, fresh)
+    return Compacted(model, small, widths, example, fresh)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_compacts_exactly_under_no_grad_after_training(family):
+    c = compacted(family)
+    assert not any(isinstance(m, dam.DAMGate) for m in c.small.modules())
+    assert_no_dam_state(c.small)
+    assert_same_outputs(c.gated, c.small, c.fresh)
+    before, after = dam.count(c.gated, c.fresh), dam.count(c.small, c.fresh)
     assert after["flops"] < before["flops"] and after["params"] < before["params"], (before, after)
-    check(small, widths)
+    FAMILIES[family].check(c.small, c.widths)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compacted_family_saves_and_loads_exactly(family, tmp_path):
+    c = compacted(family)
+    gen = torch.Generator().manual_seed(2)
+    assert_save_load_round_trip(c.small, FAMILIES[family].inputs(5, gen), tmp_path / "compacted")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compacted_family_exports_to_onnx(family, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    c = compacted(family)
+    assert_onnx_export(c.small, c.example, c.fresh, tmp_path / "m.onnx", FAMILIES[family].onnx)
 
 
 # ------------------------------------------------------------------ modes, dtypes, errors

@@ -1,10 +1,13 @@
 """Transformers as DAM hosts: heads and FFN hidden units gated by the default attach,
-trained a few steps, compacted exactly, for torch and Hugging Face families.
+trained a few steps, compacted exactly, for torch and Hugging Face families; each compacted
+model carries no DAM state, round-trips ``torchdam.save``/``load`` exactly and exports to
+ONNX or documents why not (``tests/zoo_checks.py``).
 
 Tiny models (hidden 32, 2 layers, 4 heads, sequence 8) with random weights, built from
 configs (never downloaded)."""
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -13,6 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo_checks import (
+    OnnxLimitation,
+    assert_no_dam_state,
+    assert_onnx_export,
+    assert_save_load_round_trip,
+    export_and_compare,
+)
 
 import torchdam as dam
 from torchdam import attention
@@ -120,6 +130,7 @@ class Case:
     units: int  # head units per attention module (kv groups under GQA)
     ffn: str  # suffix of the FFN hidden layer's name
     check: Callable[[nn.Module, int], None]  # compacted attention module, live units
+    onnx: OnnxLimitation | None = None  # why the compacted model does not export as called here
 
 
 def check_mha(m, live):
@@ -154,6 +165,25 @@ def check_llama(m, live):
     assert m.q_proj.out_features == m.o_proj.in_features == live * groups * HEAD_DIM
 
 
+def with_attention_mask(inputs):
+    """``inputs`` plus an explicit attention mask (the last two tokens of sequence 0 padded)."""
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, -2:] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+#: HF causal LMs called with input_ids alone: without an attention mask and a cache,
+#: transformers' mask code looks for packed sequences in the position ids
+#: (masking_utils.find_packed_sequence_indices, torch.diff), and the TorchScript exporter has
+#: no ONNX symbolic for aten::diff at opset 20. With an attention mask that code does not run
+#: and the model exports (checked); torch.export based export handles aten::diff (checked in
+#: test_compacted_causal_lm_exports_with_the_default_exporter).
+CAUSAL_LM_ONNX = OnnxLimitation(
+    torch.onnx.errors.UnsupportedOperatorError, "aten::diff",
+    "TorchScript ONNX export has no symbolic for aten::diff (HF's packed-sequence detection "
+    "without an attention mask)", workaround=with_attention_mask)
+
+
 def _cases():
     cases = [
         Case("torch_encoder", TorchEncoderNet, lambda b, g: torch.randn(b, SEQ, 8, generator=g), lambda x: x,
@@ -169,9 +199,9 @@ def _cases():
                  lambda b, g: {"pixel_values": torch.randn(b, 3, 32, 32, generator=g)},
                  lambda x: x["pixel_values"], 3, HEADS, "mlp.fc1", check_vit),
             Case(f"gpt2_{impl}", lambda impl=impl: gpt2(impl), lambda b, g: {"input_ids": tokens(b, g)},
-                 lambda x: x["input_ids"], VOCAB, HEADS, "mlp.c_fc", check_gpt2),
+                 lambda x: x["input_ids"], VOCAB, HEADS, "mlp.c_fc", check_gpt2, CAUSAL_LM_ONNX),
             Case(f"llama_{impl}", lambda impl=impl: llama(impl), lambda b, g: {"input_ids": tokens(b, g)},
-                 lambda x: x["input_ids"], VOCAB, 2, "mlp.up_proj", check_llama),
+                 lambda x: x["input_ids"], VOCAB, 2, "mlp.up_proj", check_llama, CAUSAL_LM_ONNX),
         ]
     return cases
 
@@ -187,8 +217,27 @@ def is_attention(module):
     return type(module) in attention.attention_types()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_default_attach_trains_prunes_heads_and_ffn_and_compacts_exactly(case):
+CASE = {c.name: c for c in CASES}
+
+
+@dataclass
+class Compacted:
+    gated: nn.Module
+    small: nn.Module
+    gates: dict
+    heads: list
+    ffn: list
+    widths: dict
+    example: object
+    fresh: object
+    gen: torch.Generator
+
+
+@functools.cache
+def compacted(case_name: str) -> Compacted:
+    """Default attach, a few real training steps with the penalty, mixed live/dead gates,
+    compact under no_grad; once per case (the tests below share it)."""
+    case = CASE[case_name]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = case.build()
@@ -222,11 +271,21 @@ def test_default_attach_trains_prunes_heads_and_ffn_and_compacts_exactly(case):
         for name, g in gates.items():
             g.beta.fill_(-1.5 if name in heads else -2.0)
     widths = dam.widths(model)
+    model.eval()
+    fresh = case.inputs(3, gen)
+    example = case.inputs(2, gen)
+    with torch.no_grad():
+        small = compact(model, example)
+    return Compacted(model, small, gates, heads, ffn, widths, example, fresh, gen)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_default_attach_trains_prunes_heads_and_ffn_and_compacts_exactly(case):
+    c = compacted(case.name)
+    model, gates, heads, widths, fresh, gen = c.gated, c.gates, c.heads, c.widths, c.fresh, c.gen
     for name in heads:  # heads (kv groups) are the units
         assert widths[name] == (case.units // 2, case.units)
 
-    model.eval()
-    fresh = case.inputs(3, gen)
     with torch.no_grad():  # the gated model's eval output depends on the head gates
         before = logits(model, fresh)
         gates[heads[0]].beta.fill_(-3.0)
@@ -234,9 +293,9 @@ def test_default_attach_trains_prunes_heads_and_ffn_and_compacts_exactly(case):
         gates[heads[0]].beta.fill_(-1.5)
         assert torch.equal(logits(model, fresh), before)
 
-    with torch.no_grad():
-        small = compact(model, case.inputs(2, gen))
+    small = c.small
     assert not any(isinstance(m, dam.DAMGate) for m in small.modules())
+    assert_no_dam_state(small)  # no head-gate, _sa_block or nested-tensor hooks left
     with torch.no_grad():
         ref, got = logits(model, fresh), logits(small, fresh)
     assert got.shape == ref.shape
@@ -244,7 +303,7 @@ def test_default_attach_trains_prunes_heads_and_ffn_and_compacts_exactly(case):
 
     for name in heads:
         case.check(small.get_submodule(name), widths[name][0])
-    for name in ffn:
+    for name in c.ffn:
         layer = small.get_submodule(name)
         width = layer.out_features if isinstance(layer, nn.Linear) else layer.nf
         assert width == widths[name][0]
@@ -252,6 +311,32 @@ def test_default_attach_trains_prunes_heads_and_ffn_and_compacts_exactly(case):
     gated_count, small_count = dam.count(model, x1), dam.count(small, x1)
     assert small_count["params"] < gated_count["params"]
     assert small_count["flops"] < gated_count["flops"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_compacted_model_saves_and_loads_exactly(case, tmp_path):
+    c = compacted(case.name)
+    loaded = assert_save_load_round_trip(c.small, case.inputs(5, torch.Generator().manual_seed(2)),
+                                         tmp_path / "compacted")
+    for name in c.heads:  # narrowed head counts come back as saved, not as the config says
+        case.check(loaded.get_submodule(name), c.widths[name][0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_compacted_model_exports_to_onnx(case, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    c = compacted(case.name)
+    assert_onnx_export(c.small, c.example, c.fresh, tmp_path / "m.onnx", case.onnx)
+
+
+def test_compacted_causal_lm_exports_with_the_default_exporter(tmp_path):
+    """What the TorchScript exporter cannot export (aten::diff, see CAUSAL_LM_ONNX), the
+    torch.export based one (OnnxModel's default) does: input_ids alone, batch dynamic."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    c = compacted("llama_sdpa")
+    export_and_compare(c.small, c.example, c.fresh, tmp_path / "m.onnx", dynamo=True)
 
 
 # ---------------------------------------------------------------- torch fast paths

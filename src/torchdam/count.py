@@ -302,11 +302,32 @@ def paired_latency(dense: nn.Module, small: nn.Module, sample: torch.Tensor, bat
     return before, after, speedup
 
 
+class _KeywordCall(nn.Module):
+    """``model(**dict(zip(names, inputs)), **constants)``: tensor keyword inputs passed
+    positionally (for tracing), non-tensor ones fixed."""
+
+    def __init__(self, model: nn.Module, kwargs: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.names = [k for k, v in kwargs.items() if isinstance(v, Tensor)]
+        self.constants = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
+
+    def forward(self, *inputs: Tensor):
+        return self.model(**dict(zip(self.names, inputs, strict=True)), **self.constants)
+
+
 class OnnxModel:
     """``model`` exported with ``torch.onnx.export`` (eval mode, batch dimension dynamic) to
     ``path`` and run by ONNX Runtime on the CPU; called like the module, tensors in, tensors
     out, so :func:`latency` times it the same way. Needs the optional packages
     ``pip install onnxruntime onnx onnxscript``.
+
+    ``example_inputs`` as for :func:`count`: a tensor, a tuple/list of positional inputs, or a
+    dict of keyword inputs (Hugging Face style, ``{"input_ids": ...}``); non-tensor keyword
+    values (``use_cache=False``) are fixed at export. Call the result the same way:
+    ``onnx_model(x)``, ``onnx_model(users, items)`` or ``onnx_model(input_ids=ids)``.
+    ``dynamo=False`` uses torch's older TorchScript exporter (deprecated by torch, but some
+    30x faster on small models) instead of the ``torch.export`` based one.
 
     Example:
         >>> net = nn.Linear(4, 2).eval()
@@ -315,20 +336,36 @@ class OnnxModel:
         torch.Size([5, 2])
     """
 
-    def __init__(self, model: nn.Module, example_inputs, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, example_inputs, path: str | Path, threads: int | None = None,
+                 dynamo: bool = True) -> None:
         try:
             import onnxruntime
             import onnxscript  # noqa: F401  (torch.onnx.export's exporter is built on it)
         except ImportError as err:
             raise ConfigError(f"ONNX export needs the package {err.name!r}: "
                               "pip install onnxruntime onnx onnxscript") from None
-        inputs = as_tuple(example_inputs)
-        batch = torch.export.Dim("batch")
+        if isinstance(example_inputs, Mapping):
+            # keyword inputs go in positionally: the TorchScript exporter would bind them to the
+            # whole signature (defaults too, HF's logits_to_keep=0 becoming an input), and
+            # non-tensor values (use_cache=False) are fixed at export
+            traced: nn.Module = _KeywordCall(model, dict(example_inputs))
+            inputs, names = tuple(example_inputs[k] for k in traced.names), traced.names
+        else:
+            traced, inputs = model, as_tuple(example_inputs)
+            names = None if dynamo else [f"input_{i}" for i in range(len(inputs))]
         was_training = model.training
-        model.eval()
+        traced.eval()
         try:
-            torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False,
-                              dynamic_shapes=tuple({0: batch} for _ in inputs))
+            if dynamo:
+                batch = torch.export.Dim("batch")
+                shapes = torch.export.ShapesCollection()
+                for t in inputs:
+                    shapes[t] = {0: batch}
+                torch.onnx.export(traced, inputs, str(path), dynamo=True, verbose=False, input_names=names,
+                                  dynamic_shapes=shapes.dynamic_shapes(traced, inputs))
+            else:
+                torch.onnx.export(traced, inputs, str(path), dynamo=False, input_names=names,
+                                  dynamic_axes={n: {0: "batch"} for n in names})
         finally:
             model.train(was_training)
         options = onnxruntime.SessionOptions()
@@ -336,8 +373,13 @@ class OnnxModel:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, *inputs: Tensor) -> Tensor | list[Tensor]:
-        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs, strict=True)}
+    def __call__(self, *inputs: Tensor, **keyword_inputs: Tensor) -> Tensor | list[Tensor]:
+        tensors = dict(zip(self.input_names, inputs))
+        tensors.update((k, v) for k, v in keyword_inputs.items() if isinstance(v, Tensor))
+        if len(inputs) > len(self.input_names) or sorted(tensors) != sorted(self.input_names):
+            raise ConfigError(f"OnnxModel: the exported model takes the inputs {self.input_names}; "
+                              f"got {len(inputs)} positional and the keywords {sorted(keyword_inputs)}")
+        feed = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
         outputs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
         return outputs[0] if len(outputs) == 1 else outputs
 

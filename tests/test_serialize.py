@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import threading
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from torchdam.errors import CheckpointError
@@ -287,3 +290,263 @@ def test_compacted_residual_model_round_trips(tmp_path):
     reloaded.eval()
     with torch.no_grad():
         assert torch.equal(reloaded(x), small(x))
+
+
+# ---------------------------------------------------------------------------- hostile files
+# load validates the structure of both files before it uses them; each refusal is one
+# CheckpointError naming the file and the reason.
+
+def _edit_arch(directory, change) -> None:
+    arch = json.loads((directory / ARCH_FILE).read_text())
+    change(arch)
+    (directory / ARCH_FILE).write_text(json.dumps(arch))
+
+
+def _refused(directory, *patterns: str) -> str:
+    with pytest.raises(CheckpointError) as err:
+        load(directory)
+    message = str(err.value)
+    assert "\n" not in message and str(directory) in message, message
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+    return message
+
+
+def _sequential(*children: dict) -> dict:
+    return {"class": "torch.nn.modules.container.Sequential", "module": "torch.nn.modules.container",
+            "attrs": {}, "training": False, "params": {}, "buffers": {},
+            "children": {str(i): c for i, c in enumerate(children)}}
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error(tmp_path):
+    save(_mlp(), tmp_path)
+    text = (tmp_path / ARCH_FILE).read_text()
+    (tmp_path / ARCH_FILE).write_text(text.replace('"metadata": {}', '"metadata": ' + "[" * 100_000 + "]" * 100_000))
+    _refused(tmp_path, "nested too deeply")
+    save(_mlp(), tmp_path)
+    value: dict = {"tuple": [1]}
+    for _ in range(70):
+        value = {"tuple": [value]}
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["1"]["attrs"].update(deep=value))
+    _refused(tmp_path, "MAX_VALUE_DEPTH")
+    save(_mlp(), tmp_path)
+
+    def deep_modules(arch):
+        node = arch["root"]["children"]["1"]
+        for _ in range(120):
+            node = _sequential(node)
+        arch["root"]["children"]["1"] = node
+
+    _edit_arch(tmp_path, deep_modules)
+    _refused(tmp_path, "MAX_DEPTH")
+
+
+@pytest.mark.parametrize("name", ["forward", "load_state_dict", "_call_impl", "_compiled_call_impl", "__call__",
+                                  "state_dict", "extra_repr", "reset_parameters", "T_destination", "__class__"])
+def test_attribute_shadowing_a_method_is_refused(tmp_path, name):
+    """A loaded model used to hold `forward = "x"` and fail later with 'str' object is not callable."""
+    save(_mlp(), tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["1"]["attrs"].update({name: "x"}))
+    _refused(tmp_path, rf"'{re.escape(name)}' of module '1' \(Linear\)")
+
+
+def test_attribute_shadowing_a_property_or_a_member_is_refused(tmp_path):
+    save(nn.LSTM(3, 4), tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["attrs"].update(all_weights=[]))  # RNNBase.all_weights: a property
+    _refused(tmp_path, "all_weights.*would shadow LSTM.all_weights")
+    save(_mlp(), tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["1"]["attrs"].update(weight="x"))  # also a parameter
+    _refused(tmp_path, "one name for two")
+
+
+def test_save_refuses_an_attribute_that_shadows_a_method(tmp_path):
+    model = _mlp()
+    model[1].extra_repr = "not a method"
+    with pytest.raises(CheckpointError, match=r"'extra_repr' of module '1' \(Linear\) would shadow"):
+        save(model, tmp_path)
+
+
+@pytest.mark.parametrize("where, ref, why", [
+    ("params", "1", "names a module"),
+    ("params", "4.weight", "names nothing saved before it"),  # a later parameter
+    ("params", "nowhere", "names nothing saved before it"),
+    ("children", "", "a reference cycle"),
+    ("children", "4", "names no module saved before it"),
+])
+def test_references_must_name_what_was_saved_before(tmp_path, where, ref, why):
+    save(_mlp(), tmp_path)
+
+    def point(arch):
+        node = arch["root"]["children"]["1"]
+        if where == "params":
+            node["params"]["weight"] = {"ref": ref}
+        else:
+            node["children"]["inner"] = {"ref": ref}
+
+    _edit_arch(tmp_path, point)
+    _refused(tmp_path, re.escape(why))
+
+
+def test_param_reference_to_a_buffer_is_refused(tmp_path):
+    save(nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3)), tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["1"]["params"].update(bias={"ref": "0.running_mean"}))
+    _refused(tmp_path, "names a buffer")
+
+
+def test_shared_modules_cannot_multiply_into_an_endless_state_dict(tmp_path):
+    save(nn.Sequential(nn.Linear(2, 2)), tmp_path)
+
+    def explode(arch):
+        for i in range(1, 40):  # module i holds module i-1 twice: 2**39 paths
+            arch["root"]["children"][str(i)] = _sequential({"ref": str(i - 1)}, {"ref": str(i - 1)})
+
+    _edit_arch(tmp_path, explode)
+    _refused(tmp_path, "shared modules|more tensors")
+
+
+def test_scatter_units_total_is_bounded_by_the_saved_weights(tmp_path):
+    """A huge ScatterUnits.total used to allocate gigabytes on the first forward."""
+    from torchdam.compact import ScatterUnits
+
+    model = nn.Sequential(ScatterUnits(nn.Conv2d(3, 2, 1), [1, 3], 6, 1)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    save(model, tmp_path)
+    assert torch.equal(load(tmp_path)(x), model(x))
+    for total in (2**27, 2**40, 1):
+        save(model, tmp_path)
+        _edit_arch(tmp_path, lambda a, total=total: a["root"]["children"]["0"]["attrs"].update(total=total))
+        _refused(tmp_path, "total")
+    save(model, tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["0"]["attrs"].update(pad_before=1))
+    _refused(tmp_path, "pad_before")
+    # an index outside the stream, forged in the weights file
+    save(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_FILE)
+    tensors["0.index"] = torch.tensor([1, 9])
+    save_file(tensors, tmp_path / WEIGHTS_FILE)
+    _refused(tmp_path, "index is not increasing")
+
+
+@pytest.mark.parametrize("model, path, attr, value", [
+    (nn.Linear(4, 3), "", "out_features", 300),
+    (nn.Linear(4, 3), "", "in_features", 5),
+    (nn.Embedding(10, 4), "", "num_embeddings", 10**6),
+    (nn.Embedding(10, 4), "", "padding_idx", 10),
+    (nn.Conv2d(2, 3, 3), "", "kernel_size", {"tuple": [5, 5]}),
+    (nn.Conv2d(2, 3, 3), "", "padding", {"tuple": [10**6, 10**6]}),
+    (nn.BatchNorm2d(3), "", "num_features", 4),
+    (nn.LSTM(3, 4), "", "hidden_size", 400),
+    (nn.LSTM(3, 4), "", "num_layers", 2),
+    (nn.LayerNorm(4), "", "normalized_shape", {"tuple": [5]}),
+    (nn.MultiheadAttention(8, 2), "", "num_heads", 3),
+])
+def test_size_attributes_must_match_the_tensors(tmp_path, model, path, attr, value):
+    save(model, tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["attrs"].update({attr: value}))
+    _refused(tmp_path, rf"{attr}|inconsistent")
+
+
+def test_integer_attributes_are_bounded_by_the_saved_elements(tmp_path):
+    save(_mlp(), tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["3"]["attrs"].update(extra={"tuple": [1, 10**9]}))
+    _refused(tmp_path, "1000000000, more than the .* saved tensor elements justify")
+    save(_mlp(), tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["3"]["attrs"].update(extra=2**64))
+    _refused(tmp_path, "beyond 64 bits")
+    model = _mlp()
+    model[3].extra = 10**9
+    with pytest.raises(CheckpointError, match="cannot save: attribute 'extra'.*1000000000"):
+        save(model, tmp_path / "refused")
+
+
+def test_missing_declared_attribute_is_refused(tmp_path):
+    save(_mlp(), tmp_path)
+    _edit_arch(tmp_path, lambda a: a["root"]["children"]["0"]["attrs"].pop("end_dim"))
+    _refused(tmp_path, r"Flatten\) lacks \['end_dim'\]")
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"format": "torchdam-arch", "format": "torchdam-arch", "version": 2, "root": {}}', "duplicate key"),
+    ('{"format": "torchdam-arch", "version": ' + "9" * 5000 + "}", "digits"),
+    ('{"format": "torchdam-arch", "version": true, "root": {}}', "version True"),
+    ('{"format": "torchdam-arch", "version": 2, "root": {}, "code": "x"}', "unknown keys"),
+])
+def test_malformed_json_shapes_refused(tmp_path, text, why):
+    save(_mlp(), tmp_path)
+    (tmp_path / ARCH_FILE).write_text(text)
+    _refused(tmp_path, re.escape(why))
+
+
+def test_safetensors_header_checked_before_anything_is_allocated(tmp_path):
+    save(nn.Linear(3, 2), tmp_path)
+    weights = tmp_path / WEIGHTS_FILE
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+
+    def forge(change) -> None:
+        forged = json.loads(json.dumps(header))
+        change(forged)
+        text = json.dumps(forged).encode()
+        weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
+
+    forge(lambda h: h["weight"].update(shape=[2**40, 3]))  # claims 12 TB
+    _refused(tmp_path, "holds 24 bytes")
+    forge(lambda h: h["weight"].update(data_offsets=[0, 2**50]))
+    _refused(tmp_path, "offsets outside the file")
+    forge(lambda h: h.update(extra={"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}))
+    _refused(tmp_path, r"unexpected keys \['extra'\]")
+    forge(lambda h: h["bias"].update(dtype="I32"))
+    _refused(tmp_path, "int32 tensor there")
+    weights.write_bytes((2**62).to_bytes(8, "little") + data[8:])
+    _refused(tmp_path, "header of .* bytes does not fit")
+
+
+def _load_in_thread(directory, timeout: float = 10.0) -> BaseException | None:
+    """load(directory) in a thread; fails the test if it is still blocked after ``timeout``."""
+    outcome: list = []
+
+    def run():
+        try:
+            load(directory)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "load blocked on a special file"
+    return outcome[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("name", [ARCH_FILE, WEIGHTS_FILE])
+@pytest.mark.parametrize("kind", ["fifo", "fifo-symlink", "dev-zero", "directory"])
+def test_special_files_are_refused_without_blocking(tmp_path, name, kind):
+    save(_mlp(), tmp_path / "m")
+    target = tmp_path / "m" / name
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "fifo-symlink":
+        os.mkfifo(tmp_path / "pipe")
+        os.symlink(tmp_path / "pipe", target)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", target)
+    else:
+        target.mkdir()
+    err = _load_in_thread(tmp_path / "m")
+    assert isinstance(err, CheckpointError) and str(target) in str(err)
+    assert re.search("FIFO|character device|directory", str(err)), err
+
+
+def test_file_size_limits(tmp_path, monkeypatch):
+    from torchdam import serialize
+
+    save(_mlp(), tmp_path)
+    monkeypatch.setattr(serialize, "MAX_ARCH_BYTES", 100)
+    _refused(tmp_path, rf"{ARCH_FILE}: \d+ bytes, more than the 100 bytes allowed")
+    monkeypatch.setattr(serialize, "MAX_ARCH_BYTES", 2**20)
+    monkeypatch.setattr(serialize, "MAX_WEIGHTS_BYTES", 100)
+    _refused(tmp_path, rf"{WEIGHTS_FILE}: \d+ bytes, more than the 100 bytes allowed")

@@ -9,6 +9,13 @@ renamed over ``ckpt-last.pt`` only once complete; the checkpoint it replaces is 
 ``ckpt-prev.pt``, so a latest file that is damaged anyway (a bad disk, a copy cut short)
 still leaves one good checkpoint, which :func:`load_latest` falls back to.
 
+Reading trusts nothing in the file: only a regular file is opened (a FIFO, device or
+socket, or a symlink to one, is refused before it is opened, so it cannot hang or feed
+endless data), its size is bounded (:data:`MAX_CHECKPOINT_BYTES`), the zip payload may hold
+only uncompressed records no larger than the payload itself (no zip bombs), and what
+``torch.load`` returns must be plain containers nested at most :data:`MAX_NESTING` deep
+without reference cycles, holding tensors whose elements fit in their storage.
+
     >>> import tempfile, torch
     >>> d = tempfile.mkdtemp()
     >>> _ = save_checkpoint({"step": 1, "w": torch.ones(2)}, d)
@@ -24,8 +31,10 @@ import io
 import os
 import pickle
 import random
+import stat
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -36,14 +45,73 @@ import torch
 from torchdam.atomic import fsync_dir
 from torchdam.errors import CheckpointError, DiskFullError
 
-__all__ = ["LAST", "PREV", "find_checkpoints", "fingerprint", "get_rng_state", "load_checkpoint", "load_latest",
-           "save_checkpoint", "set_rng_state", "state_digest"]
+__all__ = ["LAST", "MAX_CHECKPOINT_BYTES", "MAX_NESTING", "PREV", "find_checkpoints", "fingerprint",
+           "get_rng_state", "load_checkpoint", "load_latest", "read_regular_file", "save_checkpoint",
+           "set_rng_state", "state_digest"]
 
 LAST = "ckpt-last.pt"
 PREV = "ckpt-prev.pt"
 MAGIC = b"TORCHDAM-CKPT"
 VERSION = 1
 _HEADER_MAX = 128
+#: Largest checkpoint file :func:`load_checkpoint` reads (it reads the whole file into memory).
+MAX_CHECKPOINT_BYTES = 64 * 2**30
+#: Deepest nesting of containers a checkpoint may hold (training states nest a few levels).
+MAX_NESTING = 64
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: Path, mode: int, what: str) -> CheckpointError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return CheckpointError(f"{path}: is {kind}, not a regular file; refusing to read {what} from it")
+
+
+def read_regular_file(path: str | Path, what: str, limit: int, missing: str | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (or a symlink to one) of at
+    most ``limit`` bytes. A FIFO, device or socket is refused from ``os.stat`` alone,
+    before any ``open``; the file is then opened non-blocking and checked again on its
+    descriptor, so one swapped in between cannot block or stream endless data either.
+    Raises :class:`CheckpointError` naming ``path`` and ``what`` it was to hold;
+    ``missing`` replaces the message for a file that does not exist."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(missing or f"{path}: missing; cannot read {what}") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_regular(path, info.st_mode, what)
+    if info.st_size > limit:
+        raise CheckpointError(f"{path}: {info.st_size} bytes, more than the {limit} bytes allowed for {what}; "
+                              "not a file torchdam wrote, or raise the limit if you trust it")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as file:
+        try:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(path, info.st_mode, what)
+            if info.st_size > limit:
+                raise CheckpointError(f"{path}: more than the {limit} bytes allowed for {what}")
+            # read(n) allocates n bytes up front: ask for the size fstat reported, plus one
+            # byte to notice a file that grows while it is read
+            data = file.read(info.st_size + 1)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+        except MemoryError:
+            raise CheckpointError(f"{path}: not enough memory to read {what} "
+                                  f"({info.st_size} bytes)") from None
+    if len(data) > info.st_size:
+        raise CheckpointError(f"{path}: changed while {what} was read from it; read it again "
+                              "once nothing writes to it")
+    return data
 
 
 def _write_payload(file, payload: bytes) -> None:
@@ -91,13 +159,12 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
     """Read a file :func:`save_checkpoint` wrote; :class:`CheckpointError` naming the file
-    if it is missing, truncated, corrupted, not a torchdam checkpoint, or holds a pickle
-    that would run code."""
+    if it is missing, not a regular file, too large, truncated, corrupted, not a torchdam
+    checkpoint, holds a pickle that would run code, a zip record that would expand beyond
+    the file, containers nested deeper than :data:`MAX_NESTING` or holding themselves, or a
+    tensor claiming more elements than its storage holds."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from None
+    data = read_regular_file(path, "a checkpoint", MAX_CHECKPOINT_BYTES)
     newline = data.find(b"\n", 0, _HEADER_MAX)
     fields = data[:newline].split() if newline > 0 else []
     if len(fields) != 3 or fields[0] != MAGIC:
@@ -106,10 +173,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     if fields[1] != str(VERSION).encode():
         raise CheckpointError(f"{path}: checkpoint format version {fields[1].decode(errors='replace')} "
                               f"is not supported (this torchdam reads version {VERSION})")
-    payload = data[newline + 1:]
+    payload = memoryview(data)[newline + 1:]
     if hashlib.sha256(payload).hexdigest().encode() != fields[2]:
         raise CheckpointError(f"{path}: truncated or corrupted (checksum mismatch); "
                               f"resume from {PREV} in the same folder or start again")
+    _check_archive(path, payload)
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -117,9 +185,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         raise CheckpointError(f"{path}: refused: the file holds objects other than tensors and "
                               f"plain containers, which could run code on load ({first})") from None
     except Exception as err:  # torch's zip reader raises RuntimeError for a damaged archive
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {detail})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: checkpoint does not hold a dict")
+    _check_state(path, state)
     return state
 
 
@@ -148,6 +218,54 @@ def fingerprint(*tensors: torch.Tensor | Iterable[torch.Tensor]) -> str:
         for t in ([item] if isinstance(item, torch.Tensor) else item):
             _update(digest, t)
     return digest.hexdigest()
+
+
+def _check_archive(path: Path, payload: memoryview) -> None:
+    """The payload must be a zip of stored (uncompressed) records whose sizes add up to no
+    more than the payload: ``torch.save`` writes nothing else, and ``torch.load`` would
+    inflate a compressed record to whatever size its header claims."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a torch.save archive: {err})") from None
+    compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"{path}: refused: record {compressed[0]!r} is compressed, which "
+                              "torch.save never writes; its size could not be bounded before reading it")
+    total = sum(r.file_size for r in records)
+    if total > len(payload):
+        raise CheckpointError(f"{path}: refused: its records claim {total} bytes, more than the "
+                              f"{len(payload)}-byte file holds")
+
+
+def _check_state(path: Path, state: dict) -> None:
+    """Containers nest at most MAX_NESTING deep and hold no reference cycles (consumers
+    recurse into them), and every tensor's elements lie within its storage (no view
+    inflated by zero strides, which would allocate far beyond the file once copied)."""
+    active: set[int] = set()  # containers on the current path
+    done: set[int] = set()  # containers already checked (a shared one is checked once)
+
+    def walk(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            needed = value.numel() * value.element_size()
+            if needed > value.untyped_storage().nbytes():
+                raise CheckpointError(f"{path}: refused: a {tuple(value.shape)} tensor claims {needed} bytes "
+                                      f"over a storage of {value.untyped_storage().nbytes()} bytes")
+            return
+        if not isinstance(value, (dict, list, tuple, set, frozenset)) or id(value) in done:
+            return
+        if id(value) in active:
+            raise CheckpointError(f"{path}: refused: a container holds itself (a reference cycle)")
+        if depth >= MAX_NESTING:
+            raise CheckpointError(f"{path}: refused: containers nested more than {MAX_NESTING} deep")
+        active.add(id(value))
+        for item in ([*value.keys(), *value.values()] if isinstance(value, dict) else value):
+            walk(item, depth + 1)
+        active.discard(id(value))
+        done.add(id(value))
+
+    walk(state, 0)
 
 
 def find_checkpoints(directory: str | Path) -> list[Path]:

@@ -43,7 +43,7 @@ CLI = [
     (["--schedule", "linear"], "unknown schedule 'linear'"),
     (["--schedule", "step", "--milestones", "-1"], "milestones must be >= 0"),
     (["--cold-start", "99"], "cold_start must be between 0 and epochs"),
-    (["--checkpoint", "middle"], "checkpoint must be 'last' or 'best'"),
+    (["--ship", "middle"], "--ship must be 'last' or 'best'"),
     (["--checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
     (["--layers", "lstm"], "unknown layer selector"),
     (["--no-such-option"], "No such option"),

@@ -120,7 +120,7 @@ RESUME_CHANGES = [
     (["--gate", "linear"], "gate: 'relu_tanh' -> 'linear'"),
     (["--limit", "300"], "limit: 256 -> 300"),
     (["--min-width", "2"], "min_width: 1 -> 2"),
-    (["--checkpoint", "best"], "checkpoint: 'last' -> 'best'"),
+    (["--ship", "best"], "ship: 'last' -> 'best'"),
     (["--exclude", "layers.3"], "exclude: () -> ('layers.3',)"),
     (["--layers", "linear"], "layers: ('linear', 'conv') -> ('linear',)"),
     (["--model", "lenet5"], "model: 'lenet300' -> 'lenet5'"),
@@ -407,7 +407,7 @@ def test_cli_checkpoint_best_verifies_what_it_ships(tmp_path, capsys, monkeypatc
         return real(self)
 
     monkeypatch.setattr(torchdam.Trainer, "restore_best", flip_then_restore)
-    err = one_line(*cli(["--out", str(tmp_path / "out"), "--checkpoint", "best"], capsys))
+    err = one_line(*cli(["--out", str(tmp_path / "out"), "--ship", "best"], capsys))
     assert "best.safetensors: corrupted" in err
     assert not (tmp_path / "out" / "report.json").exists()
 

@@ -529,7 +529,7 @@ def _check_lambda(lam: object) -> None:
 
 
 def penalty(model: nn.Module, lam: float | Tensor) -> Tensor:
-    """``lam * mean_i clamp(beta_i, min=-5)`` over the model's gates (PAPER.md section 2).
+    """``lam * mean_i clamp(beta_i, min=-5)`` over the model's gates (docs/METHOD.md section 2).
 
     The clamp stops betas sinking without bound once a layer is already fully off.
 

@@ -1,4 +1,4 @@
-"""The DAM gate (Bu et al., NeurIPS 2021, PAPER.md section 1).
+"""The DAM gate (Bu et al., NeurIPS 2021, docs/METHOD.md section 1).
 
 Unit j of n gets a fixed offset ``mu_j = k*j/n``; the layer shares one learnable scalar
 ``beta``. The gate ``g_j = f(alpha^2 * (mu_j + beta))`` multiplies unit j's output. As the

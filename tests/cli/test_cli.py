@@ -135,3 +135,13 @@ def test_missing_dataset_names_the_package_to_install(monkeypatch, capsys, tmp_p
         mnist._decode_fashion_mnist.cache_clear() if hasattr(mnist._decode_fashion_mnist, "cache_clear") else None
     code, _, err = run_cli(["prune", "--data", "fashion_mnist", "--out", str(tmp_path)], capsys)
     assert code == 2 and "apt-get install -y dataset-fashion-mnist" in err
+
+
+def test_old_checkpoint_option_still_selects_the_shipped_epoch(tmp_path, capsys):
+    """`--checkpoint last|best` was renamed `--ship` (checkpoint means the training state):
+    the old name warns and forwards."""
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--checkpoint", "middle", "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "--checkpoint is now called --ship" in err and "--ship must be 'last' or 'best'" in err

@@ -47,7 +47,8 @@ def prune(
     layers: List[str] = typer.Option(list(PruneJob.layers), help="layer types (linear, conv) or name globs to gate"),
     exclude: List[str] = typer.Option(list(PruneJob.exclude), help="layer names/globs not to gate"),
     min_width: int = typer.Option(PruneJob.min_width, help="units kept in a layer whose units all died"),
-    checkpoint: str = typer.Option(PruneJob.checkpoint, help="ship the 'last' epoch or the 'best' validation epoch"),
+    ship: str = typer.Option(PruneJob.ship, help="ship the 'last' epoch or the 'best' validation epoch"),
+    checkpoint: Optional[str] = typer.Option(None, hidden=True, help="old name of --ship"),
     seed: int = typer.Option(TrainConfig.seed),
     limit: Optional[int] = typer.Option(PruneJob.limit, help="use only this many training images (smoke runs)"),
     latency_repeats: int = typer.Option(PruneJob.latency_repeats, help="timed forwards per latency median"),
@@ -61,10 +62,10 @@ def prune(
         None, help="train to this fraction of the dense model's FLOPs (e.g. 0.33); --lam/--beta-lr are then unused"),
     target_params: Optional[float] = typer.Option(
         None, help="train to this fraction of the dense model's parameters"),
-    reach_at: float = typer.Option(0.65, help="with a target: fraction of the steps by which it is reached (then held)"),
+    reach_at: float = typer.Option(TrainConfig.reach_at, help="with a target: fraction of the steps by which it is reached (then held)"),
     penalty: Optional[str] = typer.Option(
         None, help="cost (each layer pulled by what its units cost; default with a target) or uniform (the paper's mean)"),
-    round_to: int = typer.Option(1, help="with a target: every compacted width a multiple of N"),
+    round_to: int = typer.Option(TrainConfig.round_to, help="with a target: every compacted width a multiple of N"),
     overwrite: bool = typer.Option(
         False, help="replace the outputs of an earlier run in --out (without it, such a folder is refused)"),
 ) -> None:
@@ -75,9 +76,13 @@ def prune(
     from torchdam.cli.prune import run
     from torchdam.cli.report import format_report
 
+    if checkpoint is not None:  # "checkpoint" now means only the resumable training state
+        typer.echo("torchdam: warning: --checkpoint is now called --ship (which epoch's model to ship); "
+                   "the old name still works", err=True)
+        ship = checkpoint
     job = PruneJob(
         model=model, data=data, gate=gate, layers=tuple(layers), exclude=tuple(exclude), limit=limit,
-        min_width=min_width, checkpoint=checkpoint, latency_repeats=latency_repeats,
+        min_width=min_width, ship=ship, latency_repeats=latency_repeats,
         out_dir=resume or out, resume=resume is not None, overwrite=overwrite,
         train=TrainConfig(
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,

@@ -64,7 +64,8 @@ class PruneJob:
     latency_repeats: int = 30
     # "last": ship the final epoch. DAM narrows the model while it trains, so the best
     # validation accuracy tends to fall on an early, wider epoch; "best" ships that one.
-    checkpoint: str = "last"
+    #: which epoch's model is compacted and shipped: "last" or "best" (validation)
+    ship: str = "last"
     out_dir: Path = Path("runs/prune")
     #: Continue the killed or interrupted run whose output folder is ``out_dir``.
     resume: bool = False
@@ -75,8 +76,8 @@ class PruneJob:
         """Fail on a bad name or number before any data is read or any epoch is spent."""
         MODELS.get(self.model)
         DATASETS.get(self.data)
-        if self.checkpoint not in ("last", "best"):
-            raise ConfigError(f"checkpoint must be 'last' or 'best', got {self.checkpoint!r}")
+        if self.ship not in ("last", "best"):
+            raise ConfigError(f"--ship must be 'last' or 'best', got {self.ship!r}")
         for key, low in (("min_width", 1), ("latency_repeats", 1), ("val_size", 0), ("limit", 1)):
             value = getattr(self, key)
             if value is None and key == "limit":
@@ -277,7 +278,7 @@ def _run(job: PruneJob, out: Path, device: torch.device) -> dict | None:
     distributed.shutdown()  # compaction and measurement run on rank 0 alone
     if not main:
         return None
-    if job.checkpoint == "best":
+    if job.ship == "best":
         trainer.restore_best()
     model.to("cpu")
     evaluator = Trainer(model, job.train)
@@ -300,7 +301,7 @@ def _run(job: PruneJob, out: Path, device: torch.device) -> dict | None:
         "model": job.model,
         "data": job.data,
         "epochs": job.train.epochs,
-        "checkpoint": job.checkpoint,
+        "ship": job.ship,
         "best_epoch": trainer.best_epoch,
         "best_val_acc": trainer.best_val_acc,
         "final_val_acc": trainer.records[-1].get("val_acc"),

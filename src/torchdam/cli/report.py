@@ -20,7 +20,7 @@ def format_report(r: dict) -> str:
     b, a = r["before"], r["after"]
     kept, total = r["units_kept"], r["units_total"]
     lines = [
-        f"## torchdam prune: {r['model']} on {r['data']} ({r['epochs']} epochs, shipped: {r['checkpoint']} epoch)",
+        f"## torchdam prune: {r['model']} on {r['data']} ({r['epochs']} epochs, shipped: {r['ship']} epoch)",
         "",
         f"test accuracy  gated {100 * r['test_acc_gated']:.2f}%  ->  compacted {100 * r['test_acc_compacted']:.2f}%",
         f"gated units    {kept}/{total} kept ({100 * (1 - kept / total):.1f}% removed)",

@@ -66,7 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     #: the betas' learning rate (None: the weights' ``lr``); it sets the pruning speed
     beta_lr: float | None = 0.002
-    # Decay on beta would cap how far the penalty can push it (PAPER.md section 2).
+    # Decay on beta would cap how far the penalty can push it (docs/METHOD.md section 2).
     beta_weight_decay: float = 0.0
     #: lambda, the penalty's weight
     lam: float = 0.15

@@ -1,6 +1,6 @@
 """The single-stage training loop for every DAM experiment and every dense baseline.
 
-DAM trains weights and gates jointly (PAPER.md section 2): the loss is the task loss plus
+DAM trains weights and gates jointly (docs/METHOD.md section 2): the loss is the task loss plus
 ``penalty(model, lam)``, the betas sit in their own parameter group (own learning rate,
 no weight decay by default) and can be frozen for the first ``cold_start`` epochs; all of
 it is :mod:`torchdam.train.policy`. A model without gates trains the same way, with no

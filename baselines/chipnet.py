@@ -12,54 +12,9 @@ pretrained model with soft masks made crisp by a continuous Heaviside function.
    with :func:`torchdam.compact` (kept units scaled by 1, as the official binary
    ``pruned_zeta``), and fine-tune for ``setup.finetune_epochs``.
 
-Taken from the official code (github.com/transmuteAI/ChipNet):
-
-* ``models/layers.py`` (``PrunableBatchNorm2d``): the logistic and continuous Heaviside
-  above; ``psi`` initialised ``U(0, 0.01)`` (``torch.rand(n) * 0.01``); ``beta = 1``,
-  ``gamma = 2`` at the start; the mask multiplies the BatchNorm's output, the same place a
-  DAM gate sits here; keep decision ``z > threshold`` (strict).
-* ``models/base_model.py``: crispness = mean of ``(z - z~)^2`` over all units of all layers;
-  channel budget = mean of ``smoothRound(z, s) = sigmoid(s (z - 0.5))`` over all units;
-  threshold = the ``int((1 - V0) N)``-th smallest ``z`` of all ``N`` units, capped at 0.9
-  (``prune``), then lowered by 1e-4 until at least ``V0`` of the units are kept
-  (``prepare_for_finetuning``). So the kept fraction is ``V0`` or just above it unless the
-  cap bites (more than ``V0 N`` masks above 0.9); the result reports what it achieved.
-* ``pruning.py``: AdamW, lr 1e-3, weight decay 1e-3 on the weights and none on ``psi``
-  (``no_decay = ["zeta"]``), constant lr; budget weight ``w1 = 30``, crispness weight
-  ``w2 = 10``; 20 epochs; after each epoch ``beta = min(6, beta + 0.1/5)`` and
-  ``gamma = min(256, gamma * 2**(1/2))``. The budget's steepness ``s`` starts at 10 and
-  rises by ``5 / len(loader)`` per step up to 60: so in an earlier revision of
-  ``pruning.py`` and in TrAIL-MET's ChipNet (same lab); the revision at commit 987cd43
-  passes the budget type where ``get_remaining`` takes the steepness (a slip).
-
-Deviations:
-
-* Length. The stage runs ``prune_epochs`` epochs (default ``max(1, setup.finetune_epochs)``,
-  as long as fine-tuning: the official 20 pruning epochs against 300 fine-tuning epochs
-  would round to 0 at our budgets). The official run, 20 epochs of 1407 steps
-  (``OFFICIAL_STEPS``), is compressed onto the stage's ``K`` steps: at step ``k`` the
-  schedules take their official values at official step ``k * OFFICIAL_STEPS / K`` (official
-  epoch ``floor(20 k / K)``), and psi's lr is ``1e-3 * OFFICIAL_STEPS / K`` so that psi, which
-  AdamW moves by about its lr per step, can travel as far as in the official run (the
-  weights keep lr 1e-3). With ``K = OFFICIAL_STEPS`` this is the official run. Why: at the
-  official lr over a few hundred steps psi barely moves, the growing gamma pushes every
-  mask to ~1, the budget's sigmoid saturates (no gradient) and the 0.9 cap keeps every
-  unit; nothing is pruned (LeNet-300-100 on MNIST, 250 steps, with the per-epoch or the
-  compressed schedule alike). A stage of only a few steps (``--quick``: 4) is too short
-  even so: the scaled lr overshoots, every mask drops to 0, the threshold sinks below 0 and
-  keeps every unit; the result reports the missed budget. The threshold uses the values
-  after the last step (``beta`` 1.4, ``gamma`` 256, ``s`` 60), as the official checkpoint
-  holds the values raised after its last epoch.
-* The batch size is ``setup.config.batch_size`` (official: 32), the same data pipeline as
-  the other stages.
-* The official script keeps the pruning epoch whose thresholded model scores best on
-  validation; here the last epoch is kept, as every baseline here does.
-* Masks go on every prunable site (Linear layers too, after their BatchNorm when there is
-  one), not only on Conv+BatchNorm pairs.
-* A layer left with fewer than ``setup.min_width`` units keeps its highest-mask ones (the
-  official code would leave it empty and flag the network "broken").
-* Fine-tuning is the shared :func:`baselines.common.finetune` (official: SGD, lr
-  0.05, 300 epochs).
+What comes from the official code (github.com/transmuteAI/ChipNet), and every deviation
+(the stage compressed onto a short schedule, psi's lr scaled to keep its travel), are in
+``docs/baselines/chipnet.md``.
 """
 from __future__ import annotations
 

@@ -14,17 +14,8 @@ Constants as in the paper: beta = 2/3, gamma = -0.1, zeta = 1.1; log_alpha start
 ``log(1 - d) - log(d)`` plus N(0, 0.01^2) noise, d = ``droprate_init`` (0.3, the paper's
 value for its wide ResNets).
 
-log_alpha has its own optimizer group: lr ``gate_lr`` (default ``GATE_LR_FACTOR = 20`` x
-the weights' lr), no weight decay, the weights' schedule. Why: the paper trains it with the
-weights for 200 epochs; in a run of a few thousand steps at the weights' lr the penalty
-moves log_alpha too little for any gate to close (it must fall from 0.85 to about -2.4),
-so raising lambda until gates close makes it dominate the loss and all of them close
-together. Measured (BENCHMARKS.md): LeNet-300-100 at lr 0.05 for 8 epochs had nothing
-between "no unit removed" (lambda <= 0.02) and collapse (0.025); ResNet-20 at lr 0.1 for 5
-epochs the same. With the faster group, lambda sets where the penalty and the loss balance
-and the gates get there within the run, so lambda traces a curve. Decay would also pull
-log_alpha to 0, a gate open with probability 0.83. The factor 20 was picked on
-LeNet-300-100 (seed 0; 1x, 6x and 20x tried) and kept for every study.
+log_alpha trains in its own optimizer group (lr ``gate_lr``, default ``GATE_LR_FACTOR`` x the
+weights' lr, no decay); why, and how the factor was chosen: ``docs/baselines/l0.md``.
 """
 from __future__ import annotations
 

@@ -41,11 +41,17 @@ def _import(name: str) -> None:
     try:
         importlib.import_module(f"reproduce.{MODULES[name]}")
     except ModuleNotFoundError as err:
-        top = (err.name or "").partition(".")[0]
-        if top not in EXTRAS:
-            raise
-        raise ConfigError(f"experiment {name!r} needs the package {top!r}: "
-                          f"pip install -e '.[{EXTRAS[top]}]'") from None
+        _missing_extra(name, err)
+
+
+def _missing_extra(name: str, err: ModuleNotFoundError) -> None:
+    """Re-raises ``err`` unless it names an optional package: then one ConfigError naming
+    the extra that installs it."""
+    top = (err.name or "").partition(".")[0]
+    if top not in EXTRAS:
+        raise err
+    raise ConfigError(f"experiment {name!r} needs the package {top!r}: "
+                      f"pip install -e '.[{EXTRAS[top]}]'") from None
 
 
 def run_experiment(name: str, out_dir: Path, quick: bool = False, seeds: int | None = None, **options) -> dict:
@@ -60,4 +66,7 @@ def run_experiment(name: str, out_dir: Path, quick: bool = False, seeds: int | N
     if unknown:
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise ConfigError(f"experiment {name!r} has no option {flags}")
-    return experiment(out_dir=Path(out_dir), quick=quick, seeds=seeds, **given)
+    try:
+        return experiment(out_dir=Path(out_dir), quick=quick, seeds=seeds, **given)
+    except ModuleNotFoundError as err:  # an extra imported inside the experiment
+        _missing_extra(name, err)

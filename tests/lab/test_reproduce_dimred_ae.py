@@ -133,3 +133,25 @@ def test_official_gate_peer(gate_type):
             x, maps = torch.randn(4, n, generator=generator), torch.randn(2, n, 3, 3, generator=generator)
             torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ours(maps), official_2d(maps), rtol=1e-5, atol=1e-5)
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+    """An experiment whose extra is not installed fails alone, with the pip line to run."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_geometric(name, *args, **kwargs):
+        if name.partition(".")[0] == "torch_geometric":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in sys.modules if m.startswith(("reproduce.graph", "torch_geometric"))]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", no_geometric)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["graph-representation", "--quick"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -e '.[graph]'" in err[0] and "torch_geometric" in err[0]

@@ -34,7 +34,8 @@ class PatchEmbed(nn.Module):
 
 # The patch embedding writes the residual stream: a type selector (nn.Conv2d, the CLI's
 # "conv") does not gate it, as for Hugging Face's ViTPatchEmbeddings.
-attention.NOT_GATED.append((None, PatchEmbed, ("proj",)))
+if (None, PatchEmbed, ("proj",)) not in attention.NOT_GATED:
+    attention.NOT_GATED.append((None, PatchEmbed, ("proj",)))
 
 
 class VisionTransformer(nn.Module):

@@ -60,10 +60,11 @@ GRID = tuple(i / 100 for i in range(96))
 BISECTION_STEPS = 12
 
 
-def split_attention(model: nn.Module) -> list[str]:
-    """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by a
-    :class:`PrunedMultiheadAttention` keeping all heads; returns their names."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.MultiheadAttention]
+def split_attention(model: nn.Module, only: list[str] | None = None) -> list[str]:
+    """Replace every ``nn.MultiheadAttention`` of ``model`` (or those named in ``only``), in
+    place, by a :class:`PrunedMultiheadAttention` keeping all heads; returns their names."""
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.MultiheadAttention and (only is None or n in only)]
     for name in names:
         mha = model.get_submodule(name)
         model.set_submodule(name, PrunedMultiheadAttention(mha, list(range(mha.num_heads))))
@@ -201,7 +202,7 @@ def run(setup: Setup, strength: float, *, pretrained: Trained | None = None,
     sites = find_sites(trained.model, setup)
     units = [n for n, s in sites.items() if s.kind == "units"]
     base = copy.deepcopy(trained.model).cpu().eval()
-    attention = split_attention(base)
+    attention = split_attention(base, [n for n, s in sites.items() if s.kind == "heads"])
     if not attention and not units:
         raise NotApplicableError(f"{setup.model_name} has no attention module or FFN layer to prune")
     sample = setup.sample()

@@ -16,10 +16,11 @@ is measured with :func:`torchdam.count`::
 | ``slimming`` | global channel ratio removed | train with L1 on BN scales, prune, fine-tune |
 | ``magnitude`` | per-layer unit ratio removed | train dense, prune by L1 norm, fine-tune |
 | ``chipnet`` | global unit ratio removed (budget) | train dense, learn soft masks to the budget, threshold, fine-tune |
+| ``tp_vit`` | FLOPs reduction (dense / pruned) | train dense, Torch-Pruning removes heads + FFN units to the FLOPs target, fine-tune |
 """
 from __future__ import annotations
 
-from baselines import chipnet, dam, dense, l0, magnitude, slimming
+from baselines import chipnet, dam, dense, l0, magnitude, slimming, tp_vit
 from baselines.common import NotApplicableError, Result, Setup, Trained
 from torchdam.registry import Registry
 
@@ -30,5 +31,6 @@ BASELINES.register("l0")(l0.run)
 BASELINES.register("slimming")(slimming.run)
 BASELINES.register("magnitude")(magnitude.run)
 BASELINES.register("chipnet")(chipnet.run)
+BASELINES.register("tp_vit")(tp_vit.run)
 
 __all__ = ["BASELINES", "NotApplicableError", "Result", "Setup", "Trained"]

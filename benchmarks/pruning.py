@@ -1,4 +1,5 @@
-"""Pruning benchmark (issue 5): DAM against dense, L0, L1-magnitude, Network Slimming and ChipNet.
+"""Pruning benchmark (issue 5): DAM against dense, L0, L1-magnitude, Network Slimming and ChipNet,
+and on a Vision Transformer against Torch-Pruning's own head + FFN pruning (``tp_vit``).
 
 One command per study; every method runs on the same model, data, trainer and seeds
 (:mod:`baselines`), ends in a physically smaller model, and is measured the same
@@ -43,7 +44,7 @@ from torchdam.count import latency
 from torchdam.data import load_dataset
 from torchdam.train import TrainConfig
 
-METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet")
+METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet", "tp_vit")
 #: strengths per method: DAM/L0 lambdas, magnitude/slimming/chipnet fractions of units removed.
 #: L0's lambda multiplies the expected number of active units, so it is far smaller than
 #: DAM's; its values span the measured curves of BENCHMARKS.md (about 1.5-16x fewer FLOPs).
@@ -51,6 +52,11 @@ MLP_STRENGTHS = {"dam": (0.05, 0.15, 0.5), "l0": (0.0015, 0.002, 0.003, 0.01),
                  "magnitude": (0.3, 0.5, 0.7), "slimming": (0.3, 0.5, 0.7), "chipnet": (0.3, 0.5, 0.7)}
 CONV_STRENGTHS = {**MLP_STRENGTHS, "l0": (0.002, 0.004, 0.008, 0.016)}
 RESNET_STRENGTHS = {**MLP_STRENGTHS, "l0": (0.0003, 0.001, 0.002, 0.003)}
+#: ViT: DAM lambdas and Torch-Pruning's FLOPs-reduction targets (dense / pruned). The targets
+#: are the reductions DAM reached at these lambdas (seed 0, 5 epochs; BENCHMARKS.md, rounded
+#: up so Torch-Pruning gets at most DAM's FLOPs): matched FLOPs. With another recipe, pass
+#: DAM's measured reductions: --strengths tp_vit=R1,R2,...
+VIT_STRENGTHS = {"dam": (0.01, 0.03, 0.1, 1.0), "tp_vit": (1.33315, 1.82489, 2.37921, 2.78188)}
 QUICK_LIMIT = 512
 LATENCY_BATCHES = (1, 64)
 ZOOM_POINTS = 30.0  # the Pareto plot leaves out collapsed runs, this many points below the best
@@ -70,6 +76,8 @@ class Study:
     description: str = ""
     #: L0's log_alpha lr (own group, no decay); None: ``baselines.l0``'s default
     l0_gate_lr: float | None = None
+    #: train on only this many training images (None: all but the validation split)
+    train_limit: int | None = None
 
 
 def _config(**kwargs) -> TrainConfig:
@@ -82,6 +90,11 @@ _MNIST = dict(epochs=15, lr=0.05, momentum=0.9, batch_size=128, beta_lr=0.002, s
 _CIFAR = dict(epochs=160, lr=0.1, momentum=0.9, batch_size=128, weight_decay=1e-4, beta_lr=0.002,
               schedule="cosine")
 
+# ViT-tiny: Adam 1e-3 cosine, no weight decay, batch 128, crop+flip; beta lr 0.02 (with Adam
+# beta moves about beta_lr per step while the penalty dominates: 5 epochs of 79 steps under
+# a cosine schedule let it travel about 4, i.e. down to ~-3 from its start at 1).
+_VIT = dict(epochs=5, optimizer="adam", lr=1e-3, batch_size=128, weight_decay=0.0, beta_lr=0.02, schedule="cosine")
+
 STUDIES: dict[str, Study] = {
     "lenet300-mnist": Study("lenet300", "mnist", _config(**_MNIST), MLP_STRENGTHS, finetune_epochs=5),
     "lenet5-mnist": Study("lenet5", "mnist", _config(**_MNIST), CONV_STRENGTHS, finetune_epochs=5),
@@ -89,6 +102,11 @@ STUDIES: dict[str, Study] = {
                               finetune_epochs=20, augment=True),
     "resnet56-cifar10": Study("resnet56", "cifar10", _config(**_CIFAR), RESNET_STRENGTHS,
                               finetune_epochs=20, augment=True),
+    # A CPU-sized transformer study: a 10k-image subset of CIFAR-10, 5 epochs; Torch-Pruning
+    # prunes the dense run's heads and FFN units to a FLOPs target and fine-tunes 2 epochs.
+    "vit-tiny-cifar10": Study("vit-tiny", "cifar10", _config(**_VIT), VIT_STRENGTHS, finetune_epochs=2,
+                              augment=True, val_size=2000, train_limit=10000,
+                              description="ViT-tiny on 10k CIFAR-10 images; DAM vs Torch-Pruning heads + FFN"),
     # The DAM paper's PreResNet-164 run, unchanged: SGD 0.05, momentum 0.9, x0.1 at epochs
     # 100 and 150, weight decay 1e-3 on weights only, batch 128, 200 epochs, beta frozen
     # for 20, lambda 0.2, 45k/5k split, crop+flip. Only DAM and dense (a GPU day each).
@@ -210,7 +228,7 @@ def _runner(method: str, study: Study) -> Callable[[Setup, float, Trained], Resu
     run = BASELINES.get(method)
     if method == "l0":
         return lambda setup, s, pre: run(setup, s, gate_lr=study.l0_gate_lr)
-    if method in ("magnitude", "chipnet"):
+    if method in ("magnitude", "chipnet", "tp_vit"):
         return lambda setup, s, pre: run(setup, s, pretrained=pre)
     if method == "slimming":
         return _shared_slimming(run)
@@ -268,7 +286,7 @@ def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bo
                                  cold_start=min(study.config.cold_start, epochs - 1 if epochs > 1 else 0),
                                  milestones=tuple(m for m in study.config.milestones if m < epochs))
     splits = load_dataset(study.data, val_size=1000 if quick else study.val_size,
-                          limit=QUICK_LIMIT if quick else None, augment=study.augment)
+                          limit=QUICK_LIMIT if quick else study.train_limit, augment=study.augment)
     if ablation:
         config = dataclasses.replace(config, epochs=max(epochs, 2))
         plan = ablation_jobs(study, config.epochs, quick)
@@ -281,9 +299,9 @@ def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bo
         setup = Setup(study.model, splits, dataclasses.replace(config, seed=seed),
                       finetune_epochs=finetune_epochs, device=device)
         bar.set_postfix_str(f"seed {seed} dense")
-        # Without dense, magnitude or chipnet in the run the dense model is only a latency
+        # Without dense, magnitude, chipnet or tp_vit in the run the dense model is only a latency
         # reference (latency does not depend on the weights), so it is not trained.
-        train_dense = ablation or any(m in methods for m in ("dense", "magnitude", "chipnet"))
+        train_dense = ablation or any(m in methods for m in ("dense", "magnitude", "chipnet", "tp_vit"))
         pre = dense.train(setup) if train_dense else None
         dense_model = pre.model.eval() if pre is not None else setup.build().eval()
         latencies(dense_model, setup, repeats)  # warm the allocator and thread pool first
@@ -375,9 +393,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"{cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']} ({cfg['schedule']}), batch {cfg['batch_size']}, "
         f"weight decay {cfg['weight_decay']}, beta lr {cfg['beta_lr']}; fine-tune {meta['finetune_epochs']} epochs "
-        f"(magnitude, slimming, chipnet; chipnet also runs its pruning stage for as many); {meta['train_images']} training images; seeds: {meta['seeds']}"
+        f"(magnitude, slimming, chipnet, tp_vit; chipnet also runs its pruning stage for as many); {meta['train_images']} training images; seeds: {meta['seeds']}"
         f"{' (QUICK smoke run: numbers mean nothing)' if meta['quick'] else ''}. "
-        "Strength: lambda for dam/l0, fraction of units removed for magnitude/slimming/chipnet. "
+        "Strength: lambda for dam/l0, fraction of units removed for magnitude/slimming/chipnet, "
+        "FLOPs reduction target for tp_vit. "
         "Speedups are dense latency / method latency (median over interleaved pairs of forwards); "
         "speedup/FLOPs-red. = 1 when latency falls as much as FLOPs.",
         "",

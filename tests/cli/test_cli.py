@@ -83,6 +83,34 @@ def test_evaluate_scores_on_the_recorded_dataset_and_refuses_another(smoke_run, 
     assert code == 2 and "records no dataset; pass --data" in err
 
 
+def test_prune_vit_tiny_end_to_end(tmp_path, capsys):
+    """The zoo's transformer through the whole job: heads and FFN units gated, trained,
+    compacted (a head removed: PrunedMultiheadAttention), saved, reloaded, reported."""
+    out = tmp_path / "vit"
+    code, stdout, _ = run_cli(["prune", "--model", "vit-tiny", "--data", "mnist", "--epochs", "1", "--limit", "500",
+                               "--no-progress", "--optimizer", "adam", "--lr", "0.001", "--beta-lr", "0.5",
+                               "--lam", "1", "--latency-repeats", "1", "--out", str(out)], capsys)
+    assert code == 0 and "vit-tiny on mnist" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["widths"]) == [f"encoder.layers.{i}.{n}" for i in range(4) for n in ("self_attn", "linear1")]
+    assert all(total == (3 if "attn" in name else 192) for name, (_, total) in report["widths"].items())
+    assert report["test_acc_gated"] == report["test_acc_compacted"]
+    assert report["units_kept"] < report["units_total"]  # 4 steps of beta lr 0.5 remove heads and units
+    assert report["after"]["flops"] < report["before"]["flops"]
+    from safetensors.torch import load_file
+
+    from torchdam.models import build_model
+
+    small = torchdam.load(out / "compacted")
+    assert any(type(m).__name__ == "PrunedMultiheadAttention" for m in small.modules())
+    gated = build_model("vit-tiny", in_channels=1, num_classes=10, image_size=28)
+    torchdam.attach(gated)
+    gated.load_state_dict(load_file(str(out / "gated.safetensors")))
+    x = load_dataset("mnist", limit=1).test.tensors[0][:256]
+    with torch.no_grad():
+        assert torch.allclose(small(x), gated.eval()(x), rtol=0, atol=1e-4)
+
+
 def test_cli_defaults_are_the_apis():
     """Each option has one default: the CLI reads it from TrainConfig / PruneJob."""
     import dataclasses

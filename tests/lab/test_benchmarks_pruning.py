@@ -121,3 +121,16 @@ def test_a_later_seed_runs_alone_and_merges_into_mean_and_std(pruning, tmp_path)
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
     assert merged["meta"]["seeds"] == 2 and len(merged["runs"]) == 2
     assert "85.00 +- 7.07" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_vit_study_runs_dam_against_torch_pruning_on_a_cifar_subset(pruning, monkeypatch):
+    study = pruning.STUDIES["vit-tiny-cifar10"]
+    c = study.config
+    assert (study.model, study.data, study.train_limit, study.augment) == ("vit-tiny", "cifar10", 10000, True)
+    assert (c.optimizer, c.lr, c.weight_decay, c.schedule) == ("adam", 1e-3, 0.0, "cosine")
+    assert set(study.strengths) == {"dam", "tp_vit"}
+    seen = []  # tp_vit prunes the dense run of the same seed, like magnitude
+    monkeypatch.setattr(pruning.BASELINES, "get", lambda name: lambda setup, s, **kw: seen.append((name, s, kw)))
+    for _, strength, runner in pruning.method_jobs(study, ("tp_vit",), quick=False).jobs:
+        runner(None, strength, "dense run")
+    assert seen == [("tp_vit", s, {"pretrained": "dense run"}) for s in study.strengths["tp_vit"]]

@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.command()
 def prune(
     model: str = typer.Option(PruneJob.model, help="zoo model: see `torchdam models`"),
-    data: str = typer.Option(PruneJob.data, help="dataset: mnist, fashion_mnist"),
+    data: str = typer.Option(PruneJob.data, help="dataset: mnist, fashion_mnist, cifar10"),
     lam: float = typer.Option(TrainConfig.lam, help="penalty weight lambda (>= 0)"),
     epochs: int = typer.Option(TrainConfig.epochs, help="training epochs (single stage, no fine-tuning)"),
     lr: float = typer.Option(TrainConfig.lr, help="learning rate of the weights"),

@@ -10,11 +10,12 @@ import inspect
 
 from torch import nn
 
-from torchdam.models import lenet5, mlp, preresnet, resnet
+from torchdam.models import lenet5, mlp, preresnet, resnet, vit
 from torchdam.models.lenet5 import LeNet5
 from torchdam.models.mlp import MLP
 from torchdam.models.preresnet import PreActBottleneck, PreResNet
 from torchdam.models.resnet import BasicBlock, CifarResNet
+from torchdam.models.vit import PatchEmbed, VisionTransformer
 from torchdam.errors import ConfigError
 from torchdam.registry import Registry
 
@@ -26,6 +27,7 @@ MODELS.register("resnet20")(resnet.resnet20)
 MODELS.register("resnet56")(resnet.resnet56)
 MODELS.register("preresnet")(preresnet.preresnet)
 MODELS.register("preresnet164")(preresnet.preresnet164)
+MODELS.register("vit-tiny")(vit.vit_tiny)
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
@@ -46,6 +48,6 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
-    "MODELS", "MLP", "BasicBlock", "CifarResNet", "LeNet5", "PreActBottleneck", "PreResNet",
-    "build_model",
+    "MODELS", "MLP", "BasicBlock", "CifarResNet", "LeNet5", "PatchEmbed", "PreActBottleneck", "PreResNet",
+    "VisionTransformer", "build_model",
 ]

@@ -16,10 +16,16 @@ is measured with :func:`torchdam.count`::
 | ``slimming`` | global channel ratio removed | train with L1 on BN scales, prune, fine-tune |
 | ``magnitude`` | per-layer unit ratio removed | train dense, prune by L1 norm, fine-tune |
 | ``chipnet`` | global unit ratio removed (budget) | train dense, learn soft masks to the budget, threshold, fine-tune |
+| ``chipnet-flops`` | fraction of dense FLOPs kept (target) | ChipNet with the paper's FLOPs budget in place of the channel one |
+| ``dam-budget`` | fraction of dense FLOPs kept (target) | train with gates driven to the target (cost-aware pull), compact |
+| ``dam-budget-uniform`` | fraction of dense FLOPs kept (target) | the same with the paper's uniform pull |
+
+``magnitude``, ``slimming`` and ``chipnet`` also take ``target_flops=`` (a fraction of the
+dense FLOPs) in place of their ratio.
 """
 from __future__ import annotations
 
-from baselines import chipnet, dam, dense, l0, magnitude, slimming
+from baselines import chipnet, dam, dam_budget, dense, l0, magnitude, slimming
 from baselines.common import NotApplicableError, Result, Setup, Trained
 from torchdam.registry import Registry
 
@@ -30,5 +36,8 @@ BASELINES.register("l0")(l0.run)
 BASELINES.register("slimming")(slimming.run)
 BASELINES.register("magnitude")(magnitude.run)
 BASELINES.register("chipnet")(chipnet.run)
+BASELINES.register("chipnet-flops")(lambda setup, strength, **kw: chipnet.run(setup, strength, budget="flops", **kw))
+BASELINES.register("dam-budget")(dam_budget.run)
+BASELINES.register("dam-budget-uniform")(dam_budget.run_uniform)
 
 __all__ = ["BASELINES", "NotApplicableError", "Result", "Setup", "Trained"]

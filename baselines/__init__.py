@@ -17,10 +17,16 @@ is measured with :func:`torchdam.count`::
 | ``magnitude`` | per-layer unit ratio removed | train dense, prune by L1 norm, fine-tune |
 | ``chipnet`` | global unit ratio removed (budget) | train dense, learn soft masks to the budget, threshold, fine-tune |
 | ``tp_vit`` | FLOPs reduction (dense / pruned) | train dense, Torch-Pruning removes heads + FFN units to the FLOPs target, fine-tune |
+| ``chipnet-flops`` | fraction of dense FLOPs kept (target) | ChipNet with the paper's FLOPs budget in place of the channel one |
+| ``dam-budget`` | fraction of dense FLOPs kept (target) | train with gates driven to the target (cost-aware pull), compact |
+| ``dam-budget-uniform`` | fraction of dense FLOPs kept (target) | the same with the paper's uniform pull |
+
+``magnitude``, ``slimming`` and ``chipnet`` also take ``target_flops=`` (a fraction of the
+dense FLOPs) in place of their ratio.
 """
 from __future__ import annotations
 
-from baselines import chipnet, dam, dense, l0, magnitude, slimming, tp_vit
+from baselines import chipnet, dam, dam_budget, dense, l0, magnitude, slimming, tp_vit
 from baselines.common import NotApplicableError, Result, Setup, Trained
 from torchdam.registry import Registry
 
@@ -32,5 +38,8 @@ BASELINES.register("slimming")(slimming.run)
 BASELINES.register("magnitude")(magnitude.run)
 BASELINES.register("chipnet")(chipnet.run)
 BASELINES.register("tp_vit")(tp_vit.run)
+BASELINES.register("chipnet-flops")(lambda setup, strength, **kw: chipnet.run(setup, strength, budget="flops", **kw))
+BASELINES.register("dam-budget")(dam_budget.run)
+BASELINES.register("dam-budget-uniform")(dam_budget.run_uniform)
 
 __all__ = ["BASELINES", "NotApplicableError", "Result", "Setup", "Trained"]

@@ -21,13 +21,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from baselines import dense
-from baselines.common import (Result, Setup, Trained, keep_top, finetune, finish, fit, freeze_gates,
-                                       place, test_accuracy, widths_of)
+from baselines.common import (Result, Setup, Trained, find_sites, global_masks, keep_top, finetune, finish, fit,
+                                       freeze_gates, place, ratio_for_flops, test_accuracy, uniform_masks,
+                                       widths_of)
 from torchdam.compact import compact
 from torchdam.errors import ConfigError, ShapeError
 from torchdam.train import Group, Trainer, param_groups
@@ -145,6 +147,37 @@ class Objective:
         return self.budget_weight * budget + self.crispness_weight * crisp
 
 
+class FlopsObjective(Objective):
+    """ChipNet's FLOPs budget (the paper's ``flops_ratio`` budget type) in place of the channel
+    budget: ``V(z)`` is the compacted model's FLOPs over the dense model's at the smooth live
+    counts ``sum_j sigmoid(s (z_j - 0.5))`` of every layer, from :class:`torchdam.budget.WidthModel`
+    (the same width model budget-DAM uses, exact on these models); the crispness term is unchanged."""
+
+    def __init__(self, masks: dict[str, ChipNetMask], width_model, target: float, total_steps: int,
+                 budget_weight: float = BUDGET_WEIGHT, crispness_weight: float = CRISPNESS_WEIGHT) -> None:
+        self.width_model = width_model
+        self.ordered = [masks[name] for name in width_model.names]
+        super().__init__(list(masks.values()), target, total_steps, budget_weight, crispness_weight)
+
+    def terms(self) -> tuple[Tensor, Tensor]:
+        soft = torch.cat([m.soft() for m in self.masks])
+        z = continuous_heaviside(soft, self.gamma)
+        live = torch.stack([torch.sigmoid(self.steepness * (m.mask() - 0.5)).sum() for m in self.ordered])
+        flops = self.width_model.relative(live.double(), "flops").float()
+        return (flops - self.target).pow(2), crispness(soft, z)
+
+
+def flops_width_model(model: nn.Module, setup: Setup):
+    """The :class:`torchdam.budget.WidthModel` of ``model``'s prunable sites (a DAM-gated copy
+    is traced; the gates only mark the sites)."""
+    from torchdam.attach import attach
+    from torchdam.budget import WidthModel
+
+    ref = copy.deepcopy(model)
+    attach(ref, setup.layers, setup.exclude)
+    return WidthModel(ref, setup.examples()[:1])
+
+
 def psi_lr_scale(total_steps: int) -> float:
     """How much faster than the weights psi learns in a stage of ``total_steps``: AdamW moves
     a parameter by about its lr per step, so this lets psi travel as far as in the official
@@ -154,14 +187,16 @@ def psi_lr_scale(total_steps: int) -> float:
 
 def prune_stage(model: nn.Module, masks: list[ChipNetMask], setup: Setup, target: float, epochs: int,
                 lr: float = LR, weight_decay: float = WEIGHT_DECAY, budget_weight: float = BUDGET_WEIGHT,
-                crispness_weight: float = CRISPNESS_WEIGHT) -> tuple[Trained, Objective]:
+                crispness_weight: float = CRISPNESS_WEIGHT,
+                make_objective: Callable[[int], Objective] | None = None) -> tuple[Trained, Objective]:
     """Train weights and masks (in place) for ``epochs`` with the official optimizer: AdamW
     at a constant ``lr`` (psi's scaled by :func:`psi_lr_scale`), ``weight_decay`` on the
-    weights only."""
+    weights only. ``make_objective(total_steps)``: another budget (default: the channel budget)."""
     config = dataclasses.replace(setup.config, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                  schedule="none", cold_start=0)
     steps = epochs * math.ceil(len(setup.splits.train) / config.batch_size)  # batches per epoch x epochs
-    objective = Objective(masks, target, steps, budget_weight, crispness_weight)
+    objective = (Objective(masks, target, steps, budget_weight, crispness_weight) if make_objective is None
+                 else make_objective(steps))
 
     def official_optimizer(trainer: Trainer) -> None:
         # The Trainer's optimizers are SGD/Adam over one decayed group; ChipNet's is AdamW with
@@ -200,37 +235,66 @@ def _check(strength: float, epochs: int, lr: float, budget_weight: float, crispn
 
 def run(setup: Setup, strength: float, *, pretrained: Trained | None = None, prune_epochs: int | None = None,
         lr: float = LR, weight_decay: float = WEIGHT_DECAY, budget_weight: float = BUDGET_WEIGHT,
-        crispness_weight: float = CRISPNESS_WEIGHT) -> Result:
+        crispness_weight: float = CRISPNESS_WEIGHT, target_flops: float | None = None,
+        budget: str = "channel") -> Result:
     """Prune ``strength`` (in [0, 1)) of all prunable units with ChipNet, then fine-tune.
     ``pretrained``: a :func:`baselines.dense.train` result to start from (left
-    unchanged) instead of training anew; its epochs and seconds are counted in the result."""
+    unchanged) instead of training anew; its epochs and seconds are counted in the result.
+
+    ``target_flops`` (a fraction of the dense FLOPs) replaces ``strength``: the channel
+    budget ``V0`` is the kept-unit fraction at which removing the same fraction of every
+    layer gives that many FLOPs (ChipNet's own budget is over units, so it is mapped, not
+    changed), and the official threshold is replaced by one over the same masks ``z``
+    placed so the compacted FLOPs land at the target (within -3%..+3%, never above;
+    :func:`baselines.common.ratio_for_flops`). The result's strength is then the target.
+    ``budget="flops"`` (with ``target_flops``; method ``chipnet-flops``) trains to the
+    paper's FLOPs budget instead of the mapped channel budget (:class:`FlopsObjective`)."""
+    if budget not in ("channel", "flops") or (budget == "flops" and target_flops is None):
+        raise ConfigError(f"ChipNet's budget is 'channel' or 'flops' (the latter with target_flops), got {budget!r}")
     epochs = max(1, setup.finetune_epochs) if prune_epochs is None else prune_epochs
-    _check(strength, epochs, lr, budget_weight, crispness_weight)
     pre = pretrained if pretrained is not None else dense.train(setup)
+    if target_flops is not None:
+        zeros = {name: torch.zeros(site.units) for name, site in find_sites(pre.model, setup).items()}
+        strength, _, _ = ratio_for_flops(lambda r: uniform_masks(zeros, r, setup.min_width), pre.model, setup,
+                                         target_flops)
+    _check(strength, epochs, lr, budget_weight, crispness_weight)
     target = 1.0 - strength
     model = copy.deepcopy(pre.model)
     gates = place(model, setup, lambda site: ChipNetMask(site.units, site.axis))
+    make = None
+    if budget == "flops":
+        wm = flops_width_model(pre.model, setup)
+        make = lambda steps: FlopsObjective(gates, wm, target_flops, steps, budget_weight, crispness_weight)
     stage, objective = prune_stage(model, list(gates.values()), setup, target, epochs, lr, weight_decay,
-                                   budget_weight, crispness_weight)
+                                   budget_weight, crispness_weight, make_objective=make)
     with torch.no_grad():
         z = {name: g.mask().cpu() for name, g in gates.items()}
-        budget, crisp = objective.terms()
-    keep, threshold = keep_decision(torch.cat(list(z.values())), target)
-    masks, start = {}, 0
-    for name, values in z.items():
-        masks[name] = keep_top(values, keep[start:start + values.numel()], setup.min_width).float()
-        start += values.numel()
+        budget_loss, crisp = objective.terms()
+    flops_extra = {}
+    if target_flops is None:
+        keep, threshold = keep_decision(torch.cat(list(z.values())), target)
+        masks, start = {}, 0
+        for name, values in z.items():
+            masks[name] = keep_top(values, keep[start:start + values.numel()], setup.min_width).float()
+            start += values.numel()
+    else:  # the lowest masks go first, as with the official threshold, until the FLOPs fit
+        ratio, masks, reached = ratio_for_flops(lambda r: global_masks(z, r, setup.min_width), pre.model, setup,
+                                                target_flops)
+        masks = {name: m.float() for name, m in masks.items()}
+        threshold = max((float(z[n][m == 0].max()) for n, m in masks.items() if (m == 0).any()), default=None)
+        flops_extra = {"target_flops": target_flops, "ratio": ratio, "reached_flops": reached}
+        strength = target_flops
     small = compact(freeze_gates(model, masks), setup.examples(), min_width=setup.min_width)
     before = test_accuracy(stage.trainer, small, setup)
     tuned = finetune(small, setup)
     stages = [pre, stage] if tuned is None else [pre, stage, tuned]
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    return finish("chipnet", strength, small, stages, setup, widths_of(masks),
+    return finish("chipnet" if budget == "channel" else "chipnet-flops", strength, small, stages, setup, widths_of(masks),
                   target_kept_fraction=target, kept_fraction=kept / total, threshold=threshold,
                   soft_kept_fraction=torch.cat(list(z.values())).gt(0.5).float().mean().item(),
-                  final_budget_loss=budget.item(), final_crispness_loss=crisp.item(),
+                  final_budget_loss=budget_loss.item(), final_crispness_loss=crisp.item(),
                   beta=objective.beta, gamma=objective.gamma, steepness=objective.steepness,
                   prune_epochs=epochs, psi_lr=stage.trainer.optimizer.param_groups[1]["lr"],
                   test_acc_soft_masked=test_accuracy(stage.trainer, model, setup),
-                  test_acc_before_finetune=before, reused_pretrained=pretrained is not None)
+                  test_acc_before_finetune=before, reused_pretrained=pretrained is not None, **flops_extra)

@@ -269,3 +269,49 @@ def prune_and_finetune(method: str, strength: float, trained: Trained, masks: di
     tuned = finetune(small, setup)
     stages = [trained] if tuned is None else [trained, tuned]
     return finish(method, strength, small, stages, setup, widths_of(masks), **extra)
+
+
+#: A FLOPs-target run lands within this relative tolerance of the target, never above it
+#: (the same +-3% as :data:`torchdam.budget.TOLERANCE`).
+FLOPS_TOLERANCE = 0.03
+
+
+def flops_fraction(model: nn.Module, masks: dict[str, Tensor], setup: Setup) -> float:
+    """FLOPs per sample of ``model`` compacted under ``masks``, as a fraction of the dense
+    architecture's (both by :func:`torchdam.count`)."""
+    sample = setup.sample()
+    small = compact_masks(model, {k: v.float() for k, v in masks.items()}, setup)
+    return count(small, sample)["flops"] / count(setup.build(), sample)["flops"]
+
+
+def ratio_for_flops(masks_at: Callable[[float], dict[str, Tensor]], model: nn.Module, setup: Setup,
+                    target: float, tolerance: float = FLOPS_TOLERANCE, iterations: int = 16
+                    ) -> tuple[float, dict[str, Tensor], float]:
+    """The smallest pruning ratio whose masks (``masks_at(ratio)``, more units removed as
+    the ratio grows) compact ``model`` to at most ``target * (1 + tolerance)`` of the dense
+    FLOPs, found by bisection (masks and counts are cheap; nothing is trained). Returns
+    ``(ratio, masks, reached fraction)``; the reached fraction can fall below
+    ``target * (1 - tolerance)`` only where one more unit costs more than the tolerance
+    (e.g. a 6-channel conv) or where even the largest ratio cannot reach the target
+    (then the largest ratio's masks are returned)."""
+    if not 0 < target <= 1:
+        raise ConfigError(f"a FLOPs target must be a fraction in (0, 1], got {target}")
+    ceiling = target * (1.0 + tolerance)
+    lo, hi = 0.0, 1.0 - 1e-6
+    masks = masks_at(lo)
+    reached = flops_fraction(model, masks, setup)
+    if reached <= ceiling:
+        return lo, masks, reached
+    best = (hi, masks_at(hi))
+    best_reached = flops_fraction(model, best[1], setup)
+    if best_reached > ceiling:
+        return hi, best[1], best_reached
+    for _ in range(iterations):  # invariant: frac(lo) > ceiling >= frac(hi)
+        mid = (lo + hi) / 2
+        m = masks_at(mid)
+        f = flops_fraction(model, m, setup)
+        if f <= ceiling:
+            hi, best, best_reached = mid, (mid, m), f
+        else:
+            lo = mid
+    return best[0], best[1], best_reached

@@ -10,7 +10,8 @@ comparable, so a single global threshold would be arbitrary).
 from __future__ import annotations
 
 from baselines import dense
-from baselines.common import Result, Setup, Trained, find_sites, prune_and_finetune, uniform_masks
+from baselines.common import (Result, Setup, Trained, find_sites, prune_and_finetune, ratio_for_flops,
+                              uniform_masks)
 
 
 def l1_scores(trained: Trained, setup: Setup) -> dict:
@@ -19,11 +20,22 @@ def l1_scores(trained: Trained, setup: Setup) -> dict:
             for name in find_sites(model, setup)}
 
 
-def run(setup: Setup, strength: float, *, pretrained: Trained | None = None) -> Result:
+def run(setup: Setup, strength: float, *, pretrained: Trained | None = None,
+        target_flops: float | None = None) -> Result:
     """Prune ``strength`` (in [0, 1)) of every prunable layer's units. ``pretrained``: a
     :func:`baselines.dense.train` result to prune instead of training anew; its
-    epochs and seconds are counted in the result."""
+    epochs and seconds are counted in the result. ``target_flops``: instead of
+    ``strength``, the per-layer ratio is bisected so the compacted model's FLOPs land at
+    this fraction of the dense model's (within -3%..+3%, never above; see
+    :func:`baselines.common.ratio_for_flops`); the result's strength is then the target."""
     trained = pretrained if pretrained is not None else dense.train(setup)
-    masks = uniform_masks(l1_scores(trained, setup), strength, setup.min_width)
+    scores = l1_scores(trained, setup)
+    extra = {}
+    if target_flops is not None:
+        ratio, masks, reached = ratio_for_flops(lambda r: uniform_masks(scores, r, setup.min_width),
+                                                trained.model, setup, target_flops)
+        strength, extra = target_flops, {"target_flops": target_flops, "ratio": ratio, "reached_flops": reached}
+    else:
+        masks = uniform_masks(scores, strength, setup.min_width)
     return prune_and_finetune("magnitude", strength, trained, masks, setup,
-                              reused_pretrained=pretrained is not None)
+                              reused_pretrained=pretrained is not None, **extra)

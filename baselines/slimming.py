@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines.common import (NotApplicableError, Result, Setup, Trained, find_sites, fit,
-                                       global_masks, prune_and_finetune)
+                                       global_masks, prune_and_finetune, ratio_for_flops)
 from torchdam.errors import ConfigError
 
 DEFAULT_SPARSITY = 1e-4  # the paper's lambda for CIFAR (VGG / ResNet / DenseNet)
@@ -53,11 +53,20 @@ def train(setup: Setup, sparsity: float = DEFAULT_SPARSITY) -> Trained:
 
 
 def run(setup: Setup, strength: float, *, sparsity: float = DEFAULT_SPARSITY,
-        pretrained: Trained | None = None) -> Result:
+        pretrained: Trained | None = None, target_flops: float | None = None) -> Result:
     """Slim to a global channel pruning ratio ``strength`` (in [0, 1)). ``pretrained``: the
-    output of :func:`train` with the same ``sparsity`` to prune instead of training anew."""
+    output of :func:`train` with the same ``sparsity`` to prune instead of training anew.
+    ``target_flops``: instead of ``strength``, the global ratio is bisected so the compacted
+    model's FLOPs land at this fraction of the dense model's (within -3%..+3%, never above;
+    :func:`baselines.common.ratio_for_flops`); the result's strength is then the target."""
     trained = pretrained if pretrained is not None else train(setup, sparsity)
     scores = {name: bn.weight.detach().abs().cpu() for name, bn in scaled_norms(trained.model, setup).items()}
-    masks = global_masks(scores, strength, setup.min_width)
+    extra = {}
+    if target_flops is not None:
+        ratio, masks, reached = ratio_for_flops(lambda r: global_masks(scores, r, setup.min_width),
+                                                trained.model, setup, target_flops)
+        strength, extra = target_flops, {"target_flops": target_flops, "ratio": ratio, "reached_flops": reached}
+    else:
+        masks = global_masks(scores, strength, setup.min_width)
     return prune_and_finetune("slimming", strength, trained, masks, setup, sparsity=sparsity,
-                              reused_pretrained=pretrained is not None)
+                              reused_pretrained=pretrained is not None, **extra)

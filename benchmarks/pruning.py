@@ -10,6 +10,8 @@ the whole training cost (epochs including fine-tuning, wall seconds)::
     python -m benchmarks.pruning lenet300-mnist --epochs 8 --out runs/bench/lenet300
     python -m benchmarks.pruning lenet300-mnist --quick          # smoke run, < 30 s
     python -m benchmarks.pruning ablation-lenet300 --epochs 8    # DAM variants vs magnitude
+    python -m benchmarks.pruning lenet300-mnist --epochs 8 --targets 0.5,0.33,0.2 \
+        --methods dense dam-budget dam-budget-uniform magnitude chipnet   # matched FLOPs budgets
 
 Writes ``results.json`` (every run), ``results.md`` (mean +- std over seeds) and
 ``pareto.png`` (accuracy vs FLOPs and vs params, all methods) to ``--out``.
@@ -44,7 +46,12 @@ from torchdam.count import latency
 from torchdam.data import load_dataset
 from torchdam.train import TrainConfig
 
-METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet", "tp_vit")
+METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet", "dam-budget", "dam-budget-uniform",
+           "chipnet-flops", "tp_vit")
+#: methods whose strength is a FLOPs target (fraction of dense) in --targets mode: the budget
+#: DAMs train to it, the others bisect their ratio (chipnet: its channel budget is mapped)
+BUDGET_METHODS = ("dam-budget", "dam-budget-uniform")
+TARGET_METHODS = (*BUDGET_METHODS, "magnitude", "slimming", "chipnet", "chipnet-flops", "tp_vit")
 #: strengths per method: DAM/L0 lambdas, magnitude/slimming/chipnet fractions of units removed.
 #: L0's lambda multiplies the expected number of active units, so it is far smaller than
 #: DAM's; its values span the measured curves of BENCHMARKS.md (about 1.5-16x fewer FLOPs).
@@ -78,6 +85,10 @@ class Study:
     l0_gate_lr: float | None = None
     #: train on only this many training images (None: all but the validation split)
     train_limit: int | None = None
+    #: FLOPs targets (fractions of dense) for ``--targets`` mode; empty: strengths as usual
+    targets: tuple[float, ...] = ()
+    #: budget-DAM's reach_at (fraction of the steps by which the target is reached); None: the default
+    reach_at: float | None = None
 
 
 def _config(**kwargs) -> TrainConfig:
@@ -184,6 +195,9 @@ def row(result: Result, setup: Setup, dense_model: torch.nn.Module, repeats: int
     interleaved pairs (:func:`paired_latency`)."""
     out = {k: v for k, v in result.summary().items() if k not in ("betas",)}
     out["seed"] = seed
+    history = result.extra.get("history") or [[]]
+    if history[-1]:  # the last stage's last epoch: the final model (compaction is exact) on validation
+        out["val_acc"] = history[-1][-1].get("val_acc")
     kept = sum(k for k, _ in result.widths.values())
     out["units_kept"], out["units_total"] = kept, sum(t for _, t in result.widths.values())
     sample = setup.sample()
@@ -211,11 +225,16 @@ class Plan:
 
 
 def method_jobs(study: Study, methods: tuple[str, ...], quick: bool) -> Plan:
+    """With ``study.targets`` every method of :data:`TARGET_METHODS` runs at each target
+    (its strength is the target) and the others (dam, l0: lambda-driven, no FLOPs mode)
+    are left out."""
     plan = Plan()
     for method in methods:
         if method == "dense":
             continue
-        strengths = study.strengths.get(method, ())
+        if study.targets and method not in TARGET_METHODS:
+            continue
+        strengths = study.targets if study.targets else study.strengths.get(method, ())
         if quick:
             strengths = strengths[len(strengths) // 2:][:1]
         runner = _runner(method, study)  # one per method: slimming's runner shares its stage across strengths
@@ -226,6 +245,12 @@ def method_jobs(study: Study, methods: tuple[str, ...], quick: bool) -> Plan:
 
 def _runner(method: str, study: Study) -> Callable[[Setup, float, Trained], Result]:
     run = BASELINES.get(method)
+    if method in BUDGET_METHODS and study.reach_at is not None:
+        return lambda setup, s, pre: run(setup, s, reach_at=study.reach_at)
+    if study.targets and method in ("magnitude", "chipnet", "chipnet-flops"):
+        return lambda setup, s, pre: run(setup, 0.0, pretrained=pre, target_flops=s)
+    if method == "slimming" and study.targets:
+        return _shared_slimming(run, by_target=True)
     if method == "l0":
         return lambda setup, s, pre: run(setup, s, gate_lr=study.l0_gate_lr)
     if method in ("magnitude", "chipnet", "tp_vit"):
@@ -235,7 +260,7 @@ def _runner(method: str, study: Study) -> Callable[[Setup, float, Trained], Resu
     return lambda setup, s, pre: run(setup, s)
 
 
-def _shared_slimming(run: Callable[..., Result]) -> Callable[[Setup, float, Trained], Result]:
+def _shared_slimming(run: Callable[..., Result], by_target: bool = False) -> Callable[[Setup, float, Trained], Result]:
     """Network Slimming's sparsity-training stage does not depend on the pruning ratio, so
     (as in the paper) one stage per seed is pruned at every ratio. Each row still counts that
     stage's epochs and seconds in its training cost."""
@@ -246,6 +271,8 @@ def _shared_slimming(run: Callable[..., Result]) -> Callable[[Setup, float, Trai
         if seed not in stages:
             stages.clear()
             stages[seed] = slimming.train(setup)
+        if by_target:
+            return run(setup, 0.0, pretrained=stages[seed], target_flops=strength)
         return run(setup, strength, pretrained=stages[seed])
     return runner
 
@@ -301,7 +328,7 @@ def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bo
         bar.set_postfix_str(f"seed {seed} dense")
         # Without dense, magnitude, chipnet or tp_vit in the run the dense model is only a latency
         # reference (latency does not depend on the weights), so it is not trained.
-        train_dense = ablation or any(m in methods for m in ("dense", "magnitude", "chipnet", "tp_vit"))
+        train_dense = ablation or any(m in methods for m in ("dense", "magnitude", "chipnet", "chipnet-flops", "tp_vit"))
         pre = dense.train(setup) if train_dense else None
         dense_model = pre.model.eval() if pre is not None else setup.build().eval()
         latencies(dense_model, setup, repeats)  # warm the allocator and thread pool first
@@ -381,6 +408,8 @@ def groups(rows: list[dict]) -> dict[tuple[str, float | None], list[dict]]:
     for r in rows:
         if "matched_to" in r:
             out.setdefault((f"{r['method']} (vs {r['matched_to']})", None), []).append(r)
+        elif r.get("target_flops") is not None and not r["method"].startswith("dam-budget"):
+            out.setdefault((f"{r['method']} (to FLOPs)", round(r["strength"], 6)), []).append(r)
         else:
             out.setdefault((r["method"], round(r["strength"], 6)), []).append(r)
     return out
@@ -397,6 +426,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{' (QUICK smoke run: numbers mean nothing)' if meta['quick'] else ''}. "
         "Strength: lambda for dam/l0, fraction of units removed for magnitude/slimming/chipnet, "
         "FLOPs reduction target for tp_vit. "
+        "FLOPs target (fraction of dense) for dam-budget and for any method marked (to FLOPs). "
         "Speedups are dense latency / method latency (median over interleaved pairs of forwards); "
         "speedup/FLOPs-red. = 1 when latency falls as much as FLOPs.",
         "",
@@ -412,7 +442,43 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     notes = sorted({f"- {r['method']}: {r['not_applicable']}" for r in rows if "not_applicable" in r})
     if notes:
         lines += ["", "Not applicable:", *notes]
+    lines += target_tables(rows)
     return "\n".join(lines) + "\n"
+
+
+TARGET_COLUMNS = [  # header, key, format, scale
+    ("reached FLOPs %", "reached_flops", ".1f", 100.0),
+    ("test acc %", "test_acc", ".2f", 100.0),
+    ("val acc %", "val_acc", ".2f", 100.0),
+    ("units kept", "units_kept", ".0f", 1.0),
+    ("epochs", "epochs_total", ".0f", 1.0),
+    ("train s", "seconds_total", ".1f", 1.0),
+]
+
+
+def target_tables(rows: list[dict]) -> list[str]:
+    """One table per FLOPs target (rows with ``target_flops``), the dense row on top; the
+    reached fraction is the compacted model's FLOPs over the dense model's."""
+    targets = sorted({round(r["target_flops"], 6) for r in rows if r.get("target_flops") is not None},
+                     reverse=True)
+    dense_rows = [r for r in rows if r["method"] == "dense" and "not_applicable" not in r]
+    lines = []
+    for t in targets:
+        lines += ["", f"### FLOPs target {100 * t:.0f}% of dense (1/{1 / t:.3g})", "",
+                  "| method | " + " | ".join(c[0] for c in TARGET_COLUMNS) + " | seeds |",
+                  "|---|" + "---|" * (len(TARGET_COLUMNS) + 1)]
+        at = [r for r in rows if r.get("target_flops") is not None and round(r["target_flops"], 6) == t]
+        for method, runs in [("dense", dense_rows)] + list(groups(at).items()):
+            name = method[0] if isinstance(method, tuple) else method
+            if not runs:
+                continue
+            if "not_applicable" in runs[0]:
+                lines.append(f"| {name} | " + " | ".join("n/a" for _ in TARGET_COLUMNS) + " | |")
+                continue
+            runs = [{**r, "reached_flops": r.get("reached_flops", 1 / r["flops_ratio"])} for r in runs]
+            cells = [_stat([r.get(key) for r in runs], fmt, scale) for _, key, fmt, scale in TARGET_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return lines
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
@@ -482,7 +548,7 @@ def merge(sources: list[str], out: Path) -> None:
         data = json.loads((source / "results.json").read_text())
         metas.append(data["meta"])
         for r in data["runs"]:
-            key = (r["method"], r.get("strength"), r.get("seed"), r.get("matched_to"))
+            key = (r["method"], r.get("strength"), r.get("seed"), r.get("matched_to"), r.get("target_flops"))
             if key not in seen and (methods is None or r["method"] in methods):
                 seen.add(key)
                 rows.append(r)
@@ -535,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="L0's log_alpha lr, in its own group without weight decay (default: the study's)")
     parser.add_argument("--strengths", nargs="+", default=[], metavar="METHOD=S1,S2,...",
                         help="override a method's strengths, e.g. l0=0.003,0.01,0.02")
+    parser.add_argument("--targets", default=None, metavar="T1,T2,...",
+                        help="FLOPs targets (fractions of dense, e.g. 0.5,0.33,0.2): dam-budget(-uniform) train "
+                             "to each, magnitude/slimming bisect their ratio and chipnet maps its channel budget "
+                             "so the compacted FLOPs land within -3%%..+3%% (never above); dam and l0 are left out")
+    parser.add_argument("--reach-at", type=float, default=None,
+                        help="dam-budget(-uniform): fraction of the steps by which the target is reached "
+                             "(default: torchdam.Budget's 0.65); rows are labelled with it")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -555,7 +628,20 @@ def main(argv: list[str] | None = None) -> int:
         study = dataclasses.replace(study, l0_gate_lr=args.l0_gate_lr)
     if args.strengths:
         study = dataclasses.replace(study, strengths={**study.strengths, **parse_strengths(args.strengths, parser)})
-    methods = tuple(args.methods) if args.methods else tuple(m for m in METHODS if m == "dense" or m in study.strengths)
+    if args.reach_at is not None:
+        if not 0 < args.reach_at <= 1:
+            parser.error(f"--reach-at must be in (0, 1], got {args.reach_at}")
+        study = dataclasses.replace(study, reach_at=args.reach_at)
+    if args.targets is not None:
+        try:
+            targets = tuple(float(t) for t in args.targets.split(","))
+            if not all(0 < t <= 1 for t in targets):
+                raise ValueError
+        except ValueError:
+            parser.error(f"--targets wants fractions in (0, 1] separated by commas, e.g. 0.5,0.33,0.2; got {args.targets!r}")
+        study = dataclasses.replace(study, targets=targets)
+    methods = tuple(args.methods) if args.methods else tuple(
+        m for m in METHODS if m == "dense" or (m in TARGET_METHODS if study.targets else m in study.strengths))
     out = args.out or Path("runs/bench") / (args.study + ("-quick" if args.quick else ""))
     start = time.perf_counter()
     if args.seeds < 1 or args.first_seed < 0:

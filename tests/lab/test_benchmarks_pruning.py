@@ -134,3 +134,107 @@ def test_vit_study_runs_dam_against_torch_pruning_on_a_cifar_subset(pruning, mon
     for _, strength, runner in pruning.method_jobs(study, ("tp_vit",), quick=False).jobs:
         runner(None, strength, "dense run")
     assert seen == [("tp_vit", s, {"pretrained": "dense run"}) for s in study.strengths["tp_vit"]]
+
+
+# --------------------------------------------------------------------------- matched FLOPs budgets
+
+@pytest.mark.slow
+def test_quick_targets_match_every_method_to_the_flops_target(pruning, tmp_path):
+    """--targets: the budget DAMs train to the target, magnitude and chipnet bisect their
+    ratio; every compacted model lands within -3%..+3% of it (never above), measured."""
+    assert pruning.main(["lenet300-mnist", "--quick", "--no-progress", "--targets", "0.5,0.33,0.2", "--methods",
+                         "dense", "dam", "l0", "dam-budget", "dam-budget-uniform", "magnitude", "chipnet",
+                         "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["method"]: r for r in data["runs"]}
+    # quick: the middle target only; dam and l0 (lambda-driven) have no target mode
+    assert set(runs) == {"dense", "dam-budget", "dam-budget-uniform", "magnitude", "chipnet"}
+    for method in ("dam-budget", "dam-budget-uniform", "magnitude", "chipnet"):
+        r = runs[method]
+        assert r["strength"] == r["target_flops"] == 0.33
+        reached = 1 / r["flops_ratio"]
+        assert r["reached_flops"] == pytest.approx(reached)
+        assert 0.33 * 0.97 <= reached <= 0.33 * 1.03, (method, reached)
+    assert runs["dam-budget"]["penalty"] == "cost" and runs["dam-budget-uniform"]["penalty"] == "uniform"
+    assert runs["dam-budget"]["epochs_total"] == 1  # single stage, the study's epochs
+    assert runs["magnitude"]["epochs_total"] == 2 and 0 < runs["magnitude"]["ratio"] < 1
+    table = (tmp_path / "results.md").read_text()
+    assert "### FLOPs target 33% of dense" in table
+    assert "| dam-budget | 33.0 |" in table and "| magnitude (to FLOPs) |" in table
+
+
+def test_target_mode_gives_each_method_the_targets(pruning, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pruning.BASELINES, "get", lambda name: lambda setup, s, **kw: seen.append((name, s, kw)))
+    study = dataclasses.replace(pruning.STUDIES["lenet300-mnist"], targets=(0.5, 0.33, 0.2))
+    plan = pruning.method_jobs(study, ("dam", "l0", "dam-budget", "magnitude", "chipnet"), quick=False)
+    assert [(m, s) for m, s, _ in plan.jobs] == [(m, t) for m in ("dam-budget", "magnitude", "chipnet")
+                                                 for t in (0.5, 0.33, 0.2)]
+    for method, strength, runner in plan.jobs:
+        runner("setup", strength, "pre")
+    assert seen[0] == ("dam-budget", 0.5, {})
+    assert seen[3] == ("magnitude", 0.0, {"pretrained": "pre", "target_flops": 0.5})
+    assert seen[8] == ("chipnet", 0.0, {"pretrained": "pre", "target_flops": 0.2})
+
+
+def test_bad_targets_are_a_usage_error(pruning):
+    with pytest.raises(SystemExit):
+        pruning.main(["lenet300-mnist", "--targets", "0.5,2", "--out", "/nonexistent"])
+
+
+def test_ratio_for_flops_lands_at_the_target_from_below():
+    """The bisection on a tiny MLP: the smallest ratio whose compacted FLOPs are at most
+    target * 1.03, counted on the compacted model."""
+    import torch
+    from torch import nn
+
+    from baselines.common import Setup, flops_fraction, ratio_for_flops, uniform_masks
+    from torchdam.data import Splits
+    from torchdam.train import TrainConfig
+
+    x = torch.randn(16, 20)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(16, dtype=torch.long))
+    splits = Splits(train=data, val=data, test=data, num_classes=2, input_shape=(20,), name="toy")
+    make = lambda: nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    setup = Setup(make, splits, TrainConfig(progress=False))
+    model = setup.build()
+    scores = {"0": torch.rand(64), "2": torch.rand(64)}
+    for target in (0.5, 0.33, 0.2):
+        ratio, masks, reached = ratio_for_flops(lambda r: uniform_masks(scores, r), model, setup, target)
+        assert 0.97 * target <= reached <= 1.03 * target
+        assert reached == pytest.approx(flops_fraction(model, masks, setup))
+        assert flops_fraction(model, uniform_masks(scores, max(0.0, ratio - 0.02)), setup) > 1.03 * target
+
+
+def test_chipnet_flops_budget_is_the_width_models_flops_fraction():
+    """chipnet-flops: the budget term is (FLOPs(z) / dense - target)^2 at the smooth live
+    counts, and its gradient reaches every mask's psi."""
+    import torch
+    from torch import nn
+
+    from baselines import chipnet
+    from baselines.common import Setup
+    from torchdam.data import Splits
+    from torchdam.train import TrainConfig
+
+    x = torch.randn(8, 20)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(8, dtype=torch.long))
+    splits = Splits(train=data, val=data, test=data, num_classes=2, input_shape=(20,), name="toy")
+    setup = Setup(lambda: nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2)),
+                  splits, TrainConfig(progress=False))
+    wm = chipnet.flops_width_model(setup.build(), setup)
+    masks = {name: chipnet.ChipNetMask(n) for name, n in (("0", 32), ("2", 16))}
+    objective = chipnet.FlopsObjective(masks, wm, 0.4, total_steps=100)
+    objective._advance(100)  # the end of the schedule: masks crisp, budget sigmoid steep
+    with torch.no_grad():
+        masks["0"].psi.fill_(20.0)
+        masks["2"].psi.fill_(20.0)
+    budget, _ = objective.terms()
+    assert budget.item() == pytest.approx((1 - 0.4) ** 2, rel=1e-3)  # every unit live: all the FLOPs
+    with torch.no_grad():
+        masks["0"].psi[:16] = -20.0  # half of the first layer closed
+    budget, _ = objective.terms()
+    half = wm.relative(torch.tensor([16.0, 16.0], dtype=torch.float64)).item()
+    assert budget.item() == pytest.approx((half - 0.4) ** 2, rel=1e-2)
+    budget.backward()
+    assert all(m.psi.grad is not None for m in masks.values())

@@ -1,0 +1,47 @@
+"""Budget-DAM (:mod:`torchdam.budget`) run like any baseline: attach, one training stage to
+a FLOPs target, compact.
+
+``strength`` is the target, a fraction of the dense model's FLOPs per sample
+(``TrainConfig(target_flops=strength)``): the budget drives the betas to it by
+``reach_at`` of the steps, snaps the widths and trains the rest of the run at that width.
+``penalty`` is ``"cost"`` (each gate pulled by what its units cost; method ``dam-budget``)
+or ``"uniform"`` (the paper's ``mean(beta)`` direction; ``dam-budget-uniform``). ``lam``
+and ``beta_lr`` are not used. Single stage: ``finetune_epochs`` is ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from baselines.common import Result, Setup, fit, finish, test_accuracy
+from torchdam.attach import attach, named_gates, widths
+from torchdam.compact import compact
+from torchdam.count import count
+
+NAMES = {"cost": "dam-budget", "uniform": "dam-budget-uniform"}
+#: :class:`torchdam.Budget`'s default; a run at another value is labelled with it
+DEFAULT_REACH_AT = 0.65
+
+
+def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float = DEFAULT_REACH_AT,
+        gate: str = "relu_tanh") -> Result:
+    """Train to ``strength`` of the dense FLOPs, then :func:`torchdam.compact` the last epoch."""
+    model = setup.build()
+    attach(model, setup.layers, setup.exclude, gate=gate)
+    config = dataclasses.replace(setup.config, target_flops=strength, penalty=penalty, reach_at=reach_at)
+    trained = fit(model, config, setup)
+    layer_widths = widths(model)
+    small = compact(model, setup.examples(), min_width=setup.min_width)
+    sample = setup.sample()
+    reached = count(small, sample)["flops"] / count(setup.build(), sample)["flops"]
+    budget = trained.trainer.budget.summary(reached)
+    name = NAMES[penalty] if reach_at == DEFAULT_REACH_AT else f"{NAMES[penalty]} reach_at={reach_at:g}"
+    return finish(name, strength, small, [trained], setup, layer_widths, gate=gate,
+                  target_flops=strength, reached_flops=reached, penalty=penalty, reach_at=reach_at,
+                  budget_ok=budget["ok"], budget_floor=budget["floor"],
+                  test_acc_gated=test_accuracy(trained.trainer, model, setup),
+                  betas={name: g.beta.item() for name, g in named_gates(model)})
+
+
+def run_uniform(setup: Setup, strength: float, **options) -> Result:
+    """:func:`run` with the paper's uniform pull (method ``dam-budget-uniform``)."""
+    return run(setup, strength, penalty="uniform", **options)

@@ -34,7 +34,6 @@ import random
 import signal
 import struct
 import sys
-import threading
 import time
 import warnings
 import zipfile
@@ -57,6 +56,8 @@ from torchdam.checkpoint import (
 from torchdam.compact import ScatterUnits
 from torchdam.errors import TorchDAMError
 from torchdam.serialize import ARCH_FILE, WEIGHTS_FILE, load, register_module, save
+
+from blocking import outcome_in_thread
 
 resource = pytest.importorskip("resource")
 transformers = pytest.importorskip("transformers")
@@ -1061,20 +1062,7 @@ class Unregistered(nn.Module):
 # ---------------------------------------------------------------------------- checkpoint loader, by hand
 
 def _load_checkpoint_in_thread(path: Path, timeout: float = 10.0) -> BaseException | None:
-    outcome: list = []
-
-    def run():
-        try:
-            load_checkpoint(path)
-            outcome.append(None)
-        except BaseException as err:  # noqa: BLE001
-            outcome.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), "load_checkpoint blocked on a special file"
-    return outcome[0]
+    return outcome_in_thread(lambda: load_checkpoint(path), "load_checkpoint", timeout)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "fifo-symlink", "dev-zero", "directory"])

@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import re
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from torch import nn
 
 from torchdam.errors import CheckpointError
 from torchdam.serialize import ARCH_FILE, WEIGHTS_FILE, load, load_metadata, save
+
+from blocking import outcome_in_thread
 
 
 class Scale(nn.Module):
@@ -504,20 +505,7 @@ def test_safetensors_header_checked_before_anything_is_allocated(tmp_path):
 
 def _load_in_thread(directory, timeout: float = 10.0) -> BaseException | None:
     """load(directory) in a thread; fails the test if it is still blocked after ``timeout``."""
-    outcome: list = []
-
-    def run():
-        try:
-            load(directory)
-            outcome.append(None)
-        except BaseException as err:  # noqa: BLE001
-            outcome.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), "load blocked on a special file"
-    return outcome[0]
+    return outcome_in_thread(lambda: load(directory), "load", timeout)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")

@@ -435,6 +435,19 @@ class HeadGateHook(GateHook):
         return (gate(x.unflatten(-1, (self.units, self.width))).flatten(-2), *args[1:])
 
 
+def _canonical_masks(query: Tensor, key_padding_mask: Tensor | None,
+                     attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Both masks as ``nn.MultiheadAttention.forward`` normalises them (bool -> float in the
+    query's dtype), so the gated and pruned forwards accept what it accepts."""
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=query.dtype)
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
+        check_other=False)
+    return key_padding_mask, attn_mask
+
+
 def _gated_mha(mha: nn.MultiheadAttention, gate: nn.Module, fused: bool, query: Tensor, key: Tensor,
                value: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = True,
                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -444,12 +457,7 @@ def _gated_mha(mha: nn.MultiheadAttention, gate: nn.Module, fused: bool, query: 
     ``fused``: the gate scales ``out_proj``'s weight columns; else the heads' outputs
     (computed with an identity output projection), for gates whose values vary per sample."""
     is_batched = query.dim() == 3
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=query.dtype)
-    attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
-        check_other=False)
+    key_padding_mask, attn_mask = _canonical_masks(query, key_padding_mask, attn_mask)
     if mha.batch_first and is_batched:
         query, key, value = (x.transpose(1, 0) for x in (query, key, value))
     units, width = mha.num_heads, mha.head_dim
@@ -643,12 +651,7 @@ class PrunedMultiheadAttention(nn.Module):
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         is_batched = query.dim() == 3
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-            other_name="attn_mask", target_type=query.dtype)
-        attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
-            check_other=False)
+        key_padding_mask, attn_mask = _canonical_masks(query, key_padding_mask, attn_mask)
         if not is_batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:

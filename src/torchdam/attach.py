@@ -403,9 +403,10 @@ def attach(
 
     What the defaults gate:
 
-    - every ``nn.Linear`` and ``nn.Conv2d`` (and Hugging Face ``Conv1D``, which an
-      ``nn.Linear`` selector also selects), on its output units, except the model's output
-      layer (the last one registered);
+    - every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``
+      (:data:`DEFAULT_LAYERS`; Hugging Face ``Conv1D`` too, which an ``nn.Linear`` selector
+      also selects), on its output units, except the model's output layer (the last one
+      registered) and depthwise/grouped convolutions;
     - in transformers, the heads of every attention module of a type in
       :data:`torchdam.attention.ATTENTION` (``nn.MultiheadAttention``, HF BERT/ViT/GPT-2/
       Llama attention): one gate per module whose units are its heads (under grouped-query

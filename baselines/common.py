@@ -284,6 +284,17 @@ def flops_fraction(model: nn.Module, masks: dict[str, Tensor], setup: Setup) -> 
     return count(small, sample)["flops"] / count(setup.build(), sample)["flops"]
 
 
+def masks_for(masks_at: Callable[[float], dict[str, Tensor]], model: nn.Module, setup: Setup,
+              strength: float, target_flops: float | None) -> tuple[float, dict[str, Tensor], dict]:
+    """``(strength, masks, extra)`` of a ratio-driven method: ``masks_at(strength)``, or with
+    ``target_flops`` the ratio found by :func:`ratio_for_flops` (the strength is then the
+    target, and ``extra`` records the target, the ratio and the FLOPs fraction reached)."""
+    if target_flops is None:
+        return strength, masks_at(strength), {}
+    ratio, masks, reached = ratio_for_flops(masks_at, model, setup, target_flops)
+    return target_flops, masks, {"target_flops": target_flops, "ratio": ratio, "reached_flops": reached}
+
+
 def ratio_for_flops(masks_at: Callable[[float], dict[str, Tensor]], model: nn.Module, setup: Setup,
                     target: float, tolerance: float = FLOPS_TOLERANCE, iterations: int = 16
                     ) -> tuple[float, dict[str, Tensor], float]:

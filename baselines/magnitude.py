@@ -10,7 +10,7 @@ comparable, so a single global threshold would be arbitrary).
 from __future__ import annotations
 
 from baselines import dense
-from baselines.common import (Result, Setup, Trained, find_sites, prune_and_finetune, ratio_for_flops,
+from baselines.common import (Result, Setup, Trained, find_sites, masks_for, prune_and_finetune,
                               uniform_masks)
 
 
@@ -30,12 +30,7 @@ def run(setup: Setup, strength: float, *, pretrained: Trained | None = None,
     :func:`baselines.common.ratio_for_flops`); the result's strength is then the target."""
     trained = pretrained if pretrained is not None else dense.train(setup)
     scores = l1_scores(trained, setup)
-    extra = {}
-    if target_flops is not None:
-        ratio, masks, reached = ratio_for_flops(lambda r: uniform_masks(scores, r, setup.min_width),
-                                                trained.model, setup, target_flops)
-        strength, extra = target_flops, {"target_flops": target_flops, "ratio": ratio, "reached_flops": reached}
-    else:
-        masks = uniform_masks(scores, strength, setup.min_width)
+    strength, masks, extra = masks_for(lambda r: uniform_masks(scores, r, setup.min_width), trained.model, setup,
+                                       strength, target_flops)
     return prune_and_finetune("magnitude", strength, trained, masks, setup,
                               reused_pretrained=pretrained is not None, **extra)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines.common import (NotApplicableError, Result, Setup, Trained, find_sites, fit,
-                                       global_masks, prune_and_finetune, ratio_for_flops)
+                                       global_masks, masks_for, prune_and_finetune)
 from torchdam.errors import ConfigError
 
 DEFAULT_SPARSITY = 1e-4  # the paper's lambda for CIFAR (VGG / ResNet / DenseNet)
@@ -61,12 +61,7 @@ def run(setup: Setup, strength: float, *, sparsity: float = DEFAULT_SPARSITY,
     :func:`baselines.common.ratio_for_flops`); the result's strength is then the target."""
     trained = pretrained if pretrained is not None else train(setup, sparsity)
     scores = {name: bn.weight.detach().abs().cpu() for name, bn in scaled_norms(trained.model, setup).items()}
-    extra = {}
-    if target_flops is not None:
-        ratio, masks, reached = ratio_for_flops(lambda r: global_masks(scores, r, setup.min_width),
-                                                trained.model, setup, target_flops)
-        strength, extra = target_flops, {"target_flops": target_flops, "ratio": ratio, "reached_flops": reached}
-    else:
-        masks = global_masks(scores, strength, setup.min_width)
+    strength, masks, extra = masks_for(lambda r: global_masks(scores, r, setup.min_width), trained.model, setup,
+                                       strength, target_flops)
     return prune_and_finetune("slimming", strength, trained, masks, setup, sparsity=sparsity,
                               reused_pretrained=pretrained is not None, **extra)

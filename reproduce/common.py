@@ -90,7 +90,13 @@ def write_results(out_dir: Path, results: dict, markdown: str) -> dict:
     return results
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"), "a plot")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"), "a plot")
     plt.close(fig)
+
+
+def format_mean_std(values: Iterable[float | None], fmt: str = "{:.4f}") -> str:
+    """``"mean +- std"`` (:func:`mean_std`) for a table cell; ``"-"`` without values."""
+    mean, std = mean_std(values)
+    return "-" if mean is None else f"{fmt.format(mean)} +- {fmt.format(std)}"

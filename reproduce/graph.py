@@ -35,7 +35,7 @@ from torchdam.atomic import write_atomic  # noqa: E402
 from reproduce.data.planetoid import PlanetoidGraph, load_planetoid  # noqa: E402
 from torchdam.errors import DataError  # noqa: E402
 from reproduce import EXPERIMENTS  # noqa: E402
-from reproduce.common import mean_std  # noqa: E402
+from reproduce.common import format_mean_std, save_figure  # noqa: E402
 from torchdam.gates import DAMGate  # noqa: E402
 from torchdam.train import DAMPolicy, dam_param_groups  # noqa: E402
 
@@ -199,11 +199,6 @@ def run_dgi(g: PlanetoidGraph, dim: int, dam: bool, seed: int, cfg: GraphConfig,
 ENCODERS = {"GAE": (run_gae, "gae_dim", ("auc", "ap")), "DGI": (run_dgi, "dgi_dim", ("acc",))}
 
 
-def _mean_std(values: list[float], fmt: str = "{:.4f}") -> str:
-    mean, std = mean_std(values)
-    return "-" if mean is None else f"{fmt.format(mean)} +- {fmt.format(std)}"
-
-
 def _markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [
@@ -237,9 +232,7 @@ def _plot(out_dir: Path, results: dict) -> list[str]:
         ax.set_xlabel("epoch")
         ax.set_ylim(0, results["config"][dim_attr] * 1.05)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "graph_width.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out_dir / "graph_width.png", dpi=90)
     return ["graph_width.png"]
 
 
@@ -270,8 +263,8 @@ def run(out_dir: Path, quick: bool = False, seeds: int | None = None) -> dict:
                 runs["DAM"].append(dam)
                 runs["dense full width"].append(train_fn(g, full, False, seed, cfg, not quick))
                 runs["dense at DAM width"].append(train_fn(g, max(1, dam["width"]), False, seed, cfg, not quick))
-            summary = {v: {"width": _mean_std([r["width"] for r in rs], "{:.1f}"),
-                           **{m: _mean_std([r[m] for r in rs]) for m in metrics}} for v, rs in runs.items()}
+            summary = {v: {"width": format_mean_std([r["width"] for r in rs], "{:.1f}"),
+                           **{m: format_mean_std([r[m] for r in rs]) for m in metrics}} for v, rs in runs.items()}
             entry[enc] = {"runs": runs, "summary": summary}
         results["datasets"][name] = entry
     results["seconds"] = time.perf_counter() - start

@@ -34,7 +34,7 @@ from torchdam.atomic import write_atomic  # noqa: E402
 from torchdam.attach import attach, widths  # noqa: E402
 from reproduce.data.ratings import RatingData, load_ratings  # noqa: E402
 from reproduce import EXPERIMENTS  # noqa: E402
-from reproduce.common import mean_std  # noqa: E402
+from reproduce.common import format_mean_std, mean_std, save_figure  # noqa: E402
 from reproduce.igmc_model import IGMC  # noqa: E402
 from reproduce.igmc_subgraphs import SubgraphSet, cached_extract  # noqa: E402
 from torchdam.train import DAMPolicy, TrainConfig, build_optimizer, lr_factor  # noqa: E402
@@ -169,11 +169,6 @@ def train_igmc(train: SubgraphSet, test: SubgraphSet, num_relations: int, dam: b
             "width": history[-1]["width"] if dam else HIDDEN, "history": history}
 
 
-def _mean_std(values: list[float], fmt: str = "{:.4f}") -> str:
-    mean, std = mean_std(values)
-    return "-" if mean is None else f"{fmt.format(mean)} +- {fmt.format(std)}"
-
-
 def _plots(out_dir: Path, results: dict) -> list[str]:
     names = list(results["datasets"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
@@ -184,9 +179,7 @@ def _plots(out_dir: Path, results: dict) -> list[str]:
         ax.set_xlabel("epoch")
         ax.set_ylim(0, HIDDEN + 4)
     axes[0][0].set_ylabel(f"DAM width (of {HIDDEN})")
-    fig.tight_layout()
-    fig.savefig(out_dir / "igmc_width.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out_dir / "igmc_width.png", dpi=90)
     fig, ax = plt.subplots(figsize=(5.5, 3.0))
     for k, model in enumerate(("IGMC", "IGMC-DAM")):
         base = [results["datasets"][n]["summary"]["IGMC"]["rmse_mean"] for n in names]
@@ -197,9 +190,7 @@ def _plots(out_dir: Path, results: dict) -> list[str]:
     ax.set_ylabel("test RMSE / IGMC's")
     ax.set_ylim(0.8, 1.1)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "igmc_rmse.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out_dir / "igmc_rmse.png", dpi=90)
     return ["igmc_width.png", "igmc_rmse.png"]
 
 
@@ -251,11 +242,11 @@ def run(out_dir: Path, quick: bool = False, seeds: int | None = None, protocol: 
         runs = {m: [train_igmc(train, test, len(data.rating_values), m == "IGMC-DAM", dcfg.lambdas[name], seed,
                                dcfg, progress=not quick) for seed in range(dcfg.seeds)]
                 for m in ("IGMC", "IGMC-DAM")}
-        summary = {m: {"rmse": _mean_std([r["rmse_ensemble"] for r in rs]),
+        summary = {m: {"rmse": format_mean_std([r["rmse_ensemble"] for r in rs]),
                        "rmse_mean": float(np.mean([r["rmse_ensemble"] for r in rs])),
                        "rmse_std": mean_std([r["rmse_ensemble"] for r in rs])[1],
-                       "rmse_last_epoch": _mean_std([r["rmse_last"] for r in rs]),
-                       "width": _mean_std([r["width"] for r in rs], "{:.1f}")} for m, rs in runs.items()}
+                       "rmse_last_epoch": format_mean_std([r["rmse_last"] for r in rs]),
+                       "width": format_mean_std([r["width"] for r in rs], "{:.1f}")} for m, rs in runs.items()}
         results["datasets"][name] = {"lambda": dcfg.lambdas[name], "rating_levels": len(data.rating_values),
                                      "epochs": dcfg.epochs, "seeds": dcfg.seeds,
                                      "ensemble_epochs": dcfg.ensemble_epochs(),

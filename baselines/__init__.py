@@ -20,6 +20,7 @@ is measured with :func:`torchdam.count`::
 | ``chipnet-flops`` | fraction of dense FLOPs kept (target) | ChipNet with the paper's FLOPs budget in place of the channel one |
 | ``dam-budget`` | fraction of dense FLOPs kept (target) | train with gates driven to the target (cost-aware pull), compact |
 | ``dam-budget-uniform`` | fraction of dense FLOPs kept (target) | the same with the paper's uniform pull |
+| ``dam-budget-ft`` | fraction of dense FLOPs kept (target) | ``dam-budget``, then fine-tune the compacted model |
 
 ``magnitude``, ``slimming`` and ``chipnet`` also take ``target_flops=`` (a fraction of the
 dense FLOPs) in place of their ratio.
@@ -41,5 +42,6 @@ BASELINES.register("tp_vit")(tp_vit.run)
 BASELINES.register("chipnet-flops")(lambda setup, strength, **kw: chipnet.run(setup, strength, budget="flops", **kw))
 BASELINES.register("dam-budget")(dam_budget.run)
 BASELINES.register("dam-budget-uniform")(dam_budget.run_uniform)
+BASELINES.register("dam-budget-ft")(dam_budget.run_finetuned)
 
 __all__ = ["BASELINES", "NotApplicableError", "Result", "Setup", "Trained"]

@@ -6,25 +6,29 @@ a FLOPs target, compact.
 ``reach_at`` of the steps, snaps the widths and trains the rest of the run at that width.
 ``penalty`` is ``"cost"`` (each gate pulled by what its units cost; method ``dam-budget``)
 or ``"uniform"`` (the paper's ``mean(beta)`` direction; ``dam-budget-uniform``). ``lam``
-and ``beta_lr`` are not used. Single stage: ``finetune_epochs`` is ignored.
+and ``beta_lr`` are not used. Single stage (``finetune_epochs`` ignored), except
+``dam-budget-ft``: the same run, then the compacted model fine-tuned like the baselines'
+(``finetune_epochs`` at their fine-tune lr), a second stage the library itself never adds.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from baselines.common import Result, Setup, fit, finish, test_accuracy
+from baselines.common import Result, Setup, finetune, fit, finish, test_accuracy
 from torchdam.attach import attach, named_gates, widths
 from torchdam.compact import compact
 from torchdam.count import count
 
 NAMES = {"cost": "dam-budget", "uniform": "dam-budget-uniform"}
+FINETUNED = "dam-budget-ft"
 #: :class:`torchdam.Budget`'s default; a run at another value is labelled with it
 DEFAULT_REACH_AT = 0.65
 
 
 def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float = DEFAULT_REACH_AT,
-        gate: str = "relu_tanh") -> Result:
-    """Train to ``strength`` of the dense FLOPs, then :func:`torchdam.compact` the last epoch."""
+        gate: str = "relu_tanh", tune: bool = False) -> Result:
+    """Train to ``strength`` of the dense FLOPs, then :func:`torchdam.compact` the last epoch
+    (and with ``tune``, fine-tune the compacted model: method ``dam-budget-ft``)."""
     model = setup.build()
     attach(model, setup.layers, setup.exclude, gate=gate)
     config = dataclasses.replace(setup.config, target_flops=strength, penalty=penalty, reach_at=reach_at)
@@ -34,14 +38,26 @@ def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float
     sample = setup.sample()
     reached = count(small, sample)["flops"] / count(setup.build(), sample)["flops"]
     budget = trained.trainer.budget.summary(reached)
-    name = NAMES[penalty] if reach_at == DEFAULT_REACH_AT else f"{NAMES[penalty]} reach_at={reach_at:g}"
-    return finish(name, strength, small, [trained], setup, layer_widths, gate=gate,
+    gated_acc = test_accuracy(trained.trainer, model, setup)
+    stages = [trained]
+    if tune:
+        tuned = finetune(small, setup)
+        stages += [tuned] if tuned is not None else []
+    base = FINETUNED if tune else NAMES[penalty]
+    name = base if reach_at == DEFAULT_REACH_AT else f"{base} reach_at={reach_at:g}"
+    return finish(name, strength, small, stages, setup, layer_widths, gate=gate,
                   target_flops=strength, reached_flops=reached, penalty=penalty, reach_at=reach_at,
                   budget_ok=budget["ok"], budget_floor=budget["floor"],
-                  test_acc_gated=test_accuracy(trained.trainer, model, setup),
+                  test_acc_gated=gated_acc,
                   betas={name: g.beta.item() for name, g in named_gates(model)})
 
 
 def run_uniform(setup: Setup, strength: float, **options) -> Result:
     """:func:`run` with the paper's uniform pull (method ``dam-budget-uniform``)."""
     return run(setup, strength, penalty="uniform", **options)
+
+
+def run_finetuned(setup: Setup, strength: float, **options) -> Result:
+    """:func:`run` (cost-aware pull), then the baselines' fine-tune of the compacted model
+    (method ``dam-budget-ft``)."""
+    return run(setup, strength, tune=True, **options)

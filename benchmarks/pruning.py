@@ -47,10 +47,10 @@ from torchdam.data import load_dataset
 from torchdam.train import TrainConfig
 
 METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet", "dam-budget", "dam-budget-uniform",
-           "chipnet-flops", "tp_vit")
+           "dam-budget-ft", "chipnet-flops", "tp_vit")
 #: methods whose strength is a FLOPs target (fraction of dense) in --targets mode: the budget
 #: DAMs train to it, the others bisect their ratio (chipnet: its channel budget is mapped)
-BUDGET_METHODS = ("dam-budget", "dam-budget-uniform")
+BUDGET_METHODS = ("dam-budget", "dam-budget-uniform", "dam-budget-ft")
 TARGET_METHODS = (*BUDGET_METHODS, "magnitude", "slimming", "chipnet", "chipnet-flops", "tp_vit")
 #: strengths per method: DAM/L0 lambdas, magnitude/slimming/chipnet fractions of units removed.
 #: L0's lambda multiplies the expected number of active units, so it is far smaller than
@@ -602,11 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strengths", nargs="+", default=[], metavar="METHOD=S1,S2,...",
                         help="override a method's strengths, e.g. l0=0.003,0.01,0.02")
     parser.add_argument("--targets", default=None, metavar="T1,T2,...",
-                        help="FLOPs targets (fractions of dense, e.g. 0.5,0.33,0.2): dam-budget(-uniform) train "
+                        help="FLOPs targets (fractions of dense, e.g. 0.5,0.33,0.2): dam-budget(-uniform, -ft) train "
                              "to each, magnitude/slimming bisect their ratio and chipnet maps its channel budget "
                              "so the compacted FLOPs land within -3%%..+3%% (never above); dam and l0 are left out")
     parser.add_argument("--reach-at", type=float, default=None,
-                        help="dam-budget(-uniform): fraction of the steps by which the target is reached "
+                        help="dam-budget(-uniform, -ft): fraction of the steps by which the target is reached "
                              "(default: torchdam.Budget's 0.65); rows are labelled with it")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

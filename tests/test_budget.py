@@ -205,6 +205,22 @@ def test_round_to_gives_multiples_and_stays_under_the_target():
     assert Budget(flops=0.5, round_to=8).allowed(6) == [6]
 
 
+def test_snap_from_a_width_pattern_fits_it_to_the_target():
+    """snap(start=...) rounds a given width pattern to the budget (as benchmarks/round_to
+    does): multiples of round_to, under target + 3%, the wider layer kept wider."""
+    model, data = mlp(hidden=(64, 40)), separable()
+    budget = Budget(flops=0.4, round_to=4).bind(model, data.tensors[0][:1], total_steps=10)
+    live = budget.snap(start=torch.tensor([60.0, 10.0]))
+    assert all(v % 4 == 0 for v in live.values()) and budget.frozen
+    assert list(live.values()) == [a for a, _ in dam.widths(model).values()]
+    assert live["0"] > live["2"]
+    assert reached(model, data.tensors[0]) <= 0.4 * (1 + TOLERANCE)
+    with pytest.raises(ConfigError, match="one live count per gate"):
+        budget.snap(start=torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ConfigError, match="before Budget.bind"):
+        Budget(flops=0.4).snap()
+
+
 def test_user_loop_without_trainer_overrides_the_optimizers_beta_updates():
     model, data = task("mlp")
     opt = torch.optim.Adam(model.parameters(), lr=0.01)  # betas in Adam, with its own lr: overridden

@@ -563,12 +563,23 @@ class Budget:
             values.append(n)
         return values
 
-    def snap(self) -> dict[str, int]:
+    def snap(self, start: Tensor | None = None) -> dict[str, int]:
         """Set the betas so the cost is as close to the target as possible from below
-        (integer live counts, multiples of ``round_to``), then freeze them."""
+        (integer live counts, multiples of ``round_to``), then freeze them. The snap starts
+        from the betas' (interpolated) live counts, or from ``start`` (one live count per gate,
+        in :func:`named_gates` order; fractions allowed): a width pattern to fit to the budget."""
+        if not self.bound:
+            raise ConfigError("Budget.snap() before Budget.bind(model, example_inputs, total_steps)")
         wm = self.width_model
         allowed = [self.allowed(g.n) for g in self.gates]
-        before = _continuous_live(self._shadow, self._n, self._k)
+        if start is None:
+            before = _continuous_live(self._shadow, self._n, self._k)
+        else:
+            before = torch.as_tensor(start, dtype=torch.float64).reshape(-1)
+            if before.shape != self._n.shape:
+                raise ConfigError(f"snap(start=...) takes one live count per gate ({len(self.gates)}), "
+                                  f"got {before.numel()}")
+            before = before.clamp(min=0.0).minimum(self._n)
 
         def at_most(values: list[int], x: float) -> int:
             fit = [v for v in values if v <= x + 1e-9]

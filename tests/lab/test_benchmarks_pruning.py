@@ -143,13 +143,13 @@ def test_quick_targets_match_every_method_to_the_flops_target(pruning, tmp_path)
     """--targets: the budget DAMs train to the target, magnitude and chipnet bisect their
     ratio; every compacted model lands within -3%..+3% of it (never above), measured."""
     assert pruning.main(["lenet300-mnist", "--quick", "--no-progress", "--targets", "0.5,0.33,0.2", "--methods",
-                         "dense", "dam", "l0", "dam-budget", "dam-budget-uniform", "magnitude", "chipnet",
-                         "--out", str(tmp_path)]) == 0
+                         "dense", "dam", "l0", "dam-budget", "dam-budget-uniform", "dam-budget-ft", "magnitude",
+                         "chipnet", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     runs = {r["method"]: r for r in data["runs"]}
     # quick: the middle target only; dam and l0 (lambda-driven) have no target mode
-    assert set(runs) == {"dense", "dam-budget", "dam-budget-uniform", "magnitude", "chipnet"}
-    for method in ("dam-budget", "dam-budget-uniform", "magnitude", "chipnet"):
+    assert set(runs) == {"dense", "dam-budget", "dam-budget-uniform", "dam-budget-ft", "magnitude", "chipnet"}
+    for method in ("dam-budget", "dam-budget-uniform", "dam-budget-ft", "magnitude", "chipnet"):
         r = runs[method]
         assert r["strength"] == r["target_flops"] == 0.33
         reached = 1 / r["flops_ratio"]
@@ -157,6 +157,8 @@ def test_quick_targets_match_every_method_to_the_flops_target(pruning, tmp_path)
         assert 0.33 * 0.97 <= reached <= 0.33 * 1.03, (method, reached)
     assert runs["dam-budget"]["penalty"] == "cost" and runs["dam-budget-uniform"]["penalty"] == "uniform"
     assert runs["dam-budget"]["epochs_total"] == 1  # single stage, the study's epochs
+    assert runs["dam-budget-ft"]["epochs_total"] == 2  # + the baselines' fine-tune of the compacted model
+    assert runs["dam-budget-ft"]["test_acc_gated"] == pytest.approx(runs["dam-budget"]["test_acc_gated"])
     assert runs["magnitude"]["epochs_total"] == 2 and 0 < runs["magnitude"]["ratio"] < 1
     table = (tmp_path / "results.md").read_text()
     assert "### FLOPs target 33% of dense" in table

@@ -29,6 +29,19 @@ Three parts:
    a side no gate controls keeps factor 1. Its gradient with respect to a gate's live count
    is the marginal cost of that gate's units, recomputed as widths change. It is checked
    against ``count(compact(model))`` in ``tests/test_budget.py`` (exact on the zoo models).
+
+   Transformers: a head gate's units are priced from :mod:`torchdam.attention`'s own
+   description of what removing a head takes (:meth:`~torchdam.attention.Heads.cuts`: the
+   q/k/v rows and the output projection's columns, per kv group under GQA), plus what the
+   attention module computes and holds itself, outside its child layers (the score and
+   value products, which run outside any layer in Hugging Face models; an
+   ``nn.MultiheadAttention``'s packed in-projection and its projections applied by weight),
+   which is per head. FFN units go through the dependency graph like any layer (Llama's
+   ``gate_proj`` shares ``up_proj``'s units). The residual stream (hidden size) keeps its
+   width, as in :func:`torchdam.compact`, so embeddings, norms and stream writers are the
+   floor below which a target is unreachable. Checked against ``count(compact(model))`` in
+   ``tests/test_budget_transformers.py`` (exact on HF BERT, ViT, GPT-2, Llama and
+   ``nn.TransformerEncoder``/``nn.MultiheadAttention`` models).
 2. **A cost-aware pull**: each step every beta moves by ``-eta * (task_grad + p * d_g)``
    where ``d_g = d cost / d beta_g`` (``penalty="cost"``, the default), or the paper's
    uniform ``d_g = 1/G`` (``penalty="uniform"``, the gradient of ``mean(beta)``).
@@ -105,7 +118,12 @@ class WidthModel:
 
     ``cost(live, metric)`` is differentiable in ``live`` (a float tensor over
     :attr:`names`); ``dense[metric]`` is the full-width model's count (as
-    :func:`torchdam.count` gives it).
+    :func:`torchdam.count` gives it). ``example_inputs`` as for :func:`torchdam.compact`: a
+    tensor, a tuple, or a dict of keyword inputs (Hugging Face); its first sample is used.
+
+    What it cannot price is refused here, in one line naming the layer
+    (:class:`AttachError`): a gated layer the inputs do not reach or Torch-Pruning cannot
+    trace, attention heads :func:`torchdam.compact` could not remove.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
@@ -529,9 +547,10 @@ class Budget:
     # -- setup
 
     def bind(self, model: nn.Module, example_inputs, total_steps: int, start_step: int = 0) -> "Budget":
-        """Trace ``model``'s width model from ``example_inputs`` (one sample is enough) and
-        plan ``total_steps`` optimizer steps; the schedule starts after ``start_step``
-        (e.g. a cold start). Sets every beta to the edge where all its units still live."""
+        """Trace ``model``'s width model from ``example_inputs`` (one sample is enough: a
+        tensor, a tuple, or a dict of keyword inputs for Hugging Face models) and plan
+        ``total_steps`` optimizer steps; the schedule starts after ``start_step`` (e.g. a
+        cold start). Sets every beta to the edge where all its units still live."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"total_steps must be a whole number >= 1, got {total_steps!r}")
         if not 0 <= start_step < total_steps:

@@ -147,6 +147,10 @@ def _out_width(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.nf
 
 
+def _in_width(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.weight.shape[0]
+
+
 def _pruner(layer: nn.Module) -> tp.pruner.function.BasePruningFunc:
     if isinstance(layer, nn.Linear):
         return tp.pruner.function.LinearPruner()
@@ -180,10 +184,41 @@ def _channels(units: list[int], width: int, offset: int = 0) -> list[int]:
 
 # ------------------------------------------------------------------ head layouts
 
+@dataclass(frozen=True)
+class HeadCut:
+    """One side of one projection that loses channels with every removed unit: ``per_unit``
+    channels of its ``side`` (``"out"``: q/k/v rows, ``"in"``: the output projection's
+    columns) in each of ``parts`` equal blocks (GPT-2's packed ``[q | k | v]``); unit ``u``
+    owns channels ``u * per_unit`` to ``(u + 1) * per_unit - 1`` of every block.
+
+    The one description of what a head gate shrinks: :meth:`Heads.remove` removes these
+    channels and :class:`torchdam.budget.WidthModel` prices them."""
+
+    layer: nn.Module
+    side: str
+    per_unit: int
+    parts: int = 1
+
+    @property
+    def total(self) -> int:
+        """The side's width with every unit live."""
+        return _out_width(self.layer) if self.side == "out" else _in_width(self.layer)
+
+    def channels(self, units: list[int]) -> list[int]:
+        """The side's channels that belong to ``units``."""
+        block = self.total // self.parts
+        return [p * block + c for p in range(self.parts) for c in _channels(units, self.per_unit)]
+
+
 class Heads:
     """How one attention family lays out its heads. :meth:`layout` gives ``(units, query
     heads per unit, head_dim)``; a unit's channels at the output projection's input are
-    ``units_per * head_dim`` consecutive ones (heads are concatenated head-major)."""
+    ``units_per * head_dim`` consecutive ones (heads are concatenated head-major).
+
+    Removing a unit takes its channels from the projections :meth:`cuts` lists, and the
+    parameters :meth:`per_unit_parameters` lists; what the module computes itself, outside
+    its child layers (the attention scores and their product with the values), is per unit
+    too. The module's input and output widths (the model's hidden size) never change."""
 
     def layout(self, m: nn.Module) -> tuple[int, int, int]:
         raise NotImplementedError
@@ -197,6 +232,19 @@ class Heads:
         """The layers attach never gates on their own (their units are heads)."""
         raise NotImplementedError
 
+    def cuts(self, m: nn.Module) -> list[HeadCut]:
+        """The projection sides whose channels go with each removed unit."""
+        raise NotImplementedError
+
+    def per_unit_parameters(self, m: nn.Module) -> list[Tensor]:
+        """Parameters the module holds itself (not in a child layer) that are made of whole
+        units and shrink with them (``nn.MultiheadAttention``'s packed in-projection)."""
+        return []
+
+    def refusal(self, m: nn.Module) -> str | None:
+        """Why this module's heads cannot be removed (None: they can)."""
+        return None
+
     def fold(self, m: nn.Module, g: Tensor) -> None:
         """Scale each unit's channels at the output projection's input by its gate value."""
         _, per, d = self.layout(m)
@@ -206,6 +254,13 @@ class Heads:
         """Remove every unit not in ``keep``; returns a replacement module, or None if
         ``m`` was changed in place."""
         raise NotImplementedError
+
+    def _remove_cuts(self, m: nn.Module, keep: list[int]) -> None:
+        """Remove the channels of every unit not in ``keep`` from each of :meth:`cuts`."""
+        units, _, _ = self.layout(m)
+        dead = [u for u in range(units) if u not in set(keep)]
+        for cut in self.cuts(m):
+            (_remove_outputs if cut.side == "out" else _remove_inputs)(cut.layer, cut.channels(dead))
 
 
 @dataclass
@@ -234,14 +289,14 @@ class SplitHeads(Heads):
     def projections(self, m: nn.Module) -> list[nn.Module]:
         return [_sub(m, p) for p in (self.q, self.k, self.v, self.o)]
 
+    def cuts(self, m: nn.Module) -> list[HeadCut]:
+        _, per, d = self.layout(m)
+        return [HeadCut(_sub(m, self.q), "out", per * d), HeadCut(_sub(m, self.k), "out", d),
+                HeadCut(_sub(m, self.v), "out", d), HeadCut(_sub(m, self.o), "in", per * d)]
+
     def remove(self, m: nn.Module, keep: list[int]) -> None:
-        units, per, d = self.layout(m)
-        dead = [u for u in range(units) if u not in set(keep)]
-        q_channels, kv_channels = _channels(dead, per * d), _channels(dead, d)
-        _remove_outputs(_sub(m, self.q), q_channels)
-        _remove_outputs(_sub(m, self.k), kv_channels)
-        _remove_outputs(_sub(m, self.v), kv_channels)
-        _remove_inputs(_sub(m, self.o), q_channels)
+        _, per, d = self.layout(m)
+        self._remove_cuts(m, keep)
         for path, fn in self.counts.items():
             _set(m, path, fn(len(keep) * per, len(keep), d))
         return None
@@ -261,15 +316,15 @@ class GPT2Heads(Heads):
     def projections(self, m: nn.Module) -> list[nn.Module]:
         return [m.c_attn, m.c_proj] + ([m.q_attn] if hasattr(m, "q_attn") else [])
 
+    def cuts(self, m: nn.Module) -> list[HeadCut]:
+        d = int(m.head_dim)
+        if getattr(m, "is_cross_attention", False):
+            return [HeadCut(m.c_attn, "out", d, 2), HeadCut(m.q_attn, "out", d), HeadCut(m.c_proj, "in", d)]
+        return [HeadCut(m.c_attn, "out", d, 3), HeadCut(m.c_proj, "in", d)]
+
     def remove(self, m: nn.Module, keep: list[int]) -> None:
-        heads, _, d = self.layout(m)
-        dead = _channels([u for u in range(heads) if u not in set(keep)], d)
-        width = m.split_size
-        parts = 2 if getattr(m, "is_cross_attention", False) else 3
-        _remove_outputs(m.c_attn, [p * width + c for p in range(parts) for c in dead])
-        if parts == 2:
-            _remove_outputs(m.q_attn, dead)
-        _remove_inputs(m.c_proj, dead)
+        _, _, d = self.layout(m)
+        self._remove_cuts(m, keep)
         m.num_heads = len(keep)
         m.split_size = len(keep) * d
         return None
@@ -288,15 +343,30 @@ class MHAHeads(Heads):
     def projections(self, m: nn.Module) -> list[nn.Module]:
         return [m.out_proj]
 
+    def cuts(self, m: nn.Module) -> list[HeadCut]:
+        return [HeadCut(m.out_proj, "in", int(m.head_dim))]
+
+    def per_unit_parameters(self, m: nn.Module) -> list[Tensor]:
+        """The in-projection (packed ``in_proj_weight``, or ``q/k/v_proj_weight``) and its bias:
+        ``head_dim`` rows per head of each of q, k and v (:class:`PrunedMultiheadAttention`
+        keeps the live heads' rows)."""
+        return [p for p in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight, m.in_proj_bias)
+                if p is not None]
+
+    def refusal(self, m: nn.Module) -> str | None:
+        if m.bias_k is not None or m.add_zero_attn:
+            return "it has add_bias_kv or add_zero_attn"
+        return None
+
     def fold(self, m: nn.Module, g: Tensor) -> None:
         _scale_inputs(m.out_proj, g.repeat_interleave(m.head_dim))
 
     def remove(self, m: nn.Module, keep: list[int]) -> nn.Module | None:
         if len(keep) == m.num_heads:
             return None
-        if m.bias_k is not None or m.add_zero_attn:
-            raise UnsupportedLayerError(
-                "cannot remove heads of an nn.MultiheadAttention with add_bias_kv or add_zero_attn")
+        reason = self.refusal(m)
+        if reason is not None:
+            raise UnsupportedLayerError(f"cannot remove heads of an nn.MultiheadAttention: {reason}")
         return PrunedMultiheadAttention(m, keep)
 
 

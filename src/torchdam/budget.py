@@ -29,6 +29,19 @@ Three parts:
    a side no gate controls keeps factor 1. Its gradient with respect to a gate's live count
    is the marginal cost of that gate's units, recomputed as widths change. It is checked
    against ``count(compact(model))`` in ``tests/test_budget.py`` (exact on the zoo models).
+
+   Transformers: a head gate's units are priced from :mod:`torchdam.attention`'s own
+   description of what removing a head takes (:meth:`~torchdam.attention.Heads.cuts`: the
+   q/k/v rows and the output projection's columns, per kv group under GQA), plus what the
+   attention module computes and holds itself, outside its child layers (the score and
+   value products, which run outside any layer in Hugging Face models; an
+   ``nn.MultiheadAttention``'s packed in-projection and its projections applied by weight),
+   which is per head. FFN units go through the dependency graph like any layer (Llama's
+   ``gate_proj`` shares ``up_proj``'s units). The residual stream (hidden size) keeps its
+   width, as in :func:`torchdam.compact`, so embeddings, norms and stream writers are the
+   floor below which a target is unreachable. Checked against ``count(compact(model))`` in
+   ``tests/test_budget_transformers.py`` (exact on HF BERT, ViT, GPT-2, Llama and
+   ``nn.TransformerEncoder``/``nn.MultiheadAttention`` models).
 2. **A cost-aware pull**: each step every beta moves by ``-eta * (task_grad + p * d_g)``
    where ``d_g = d cost / d beta_g`` (``penalty="cost"``, the default), or the paper's
    uniform ``d_g = 1/G`` (``penalty="uniform"``, the gradient of ``mean(beta)``).
@@ -51,16 +64,18 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam.attach import detach, named_gates, widths
-from torchdam.compact import as_tuple, unwrap
+from torchdam import attention
+from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
+from torchdam.compact import _build_graph, as_tuple, run_eval, unwrap
 from torchdam.count import FlopCounter
-from torchdam.errors import AttachError, ConfigError
+from torchdam.errors import AttachError, ConfigError, TorchDAMError
 from torchdam.gates import DAMGate
 
 METRICS = ("flops", "params")
@@ -73,6 +88,8 @@ REFRESH = 10
 
 _MODULE_TYPES = (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.DEPTHWISE_CONV)
 _STREAM_OPS = (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE)
+#: The side of an attention module that stands for its units (its own work and parameters).
+_UNITS = "units"
 
 
 # --------------------------------------------------------------------------- width model
@@ -101,7 +118,12 @@ class WidthModel:
 
     ``cost(live, metric)`` is differentiable in ``live`` (a float tensor over
     :attr:`names`); ``dense[metric]`` is the full-width model's count (as
-    :func:`torchdam.count` gives it).
+    :func:`torchdam.count` gives it). ``example_inputs`` as for :func:`torchdam.compact`: a
+    tensor, a tuple, or a dict of keyword inputs (Hugging Face); its first sample is used.
+
+    What it cannot price is refused here, in one line naming the layer
+    (:class:`AttachError`): a gated layer the inputs do not reach or Torch-Pruning cannot
+    trace, attention heads :func:`torchdam.compact` could not remove.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
@@ -113,6 +135,7 @@ class WidthModel:
 
     def __init__(self, model: nn.Module, example_inputs) -> None:
         source = unwrap(model)
+        attention.register_hf_layers()
         gates = list(named_gates(source))
         if not gates:
             raise AttachError("a budget needs DAM gates: call torchdam.attach(model) first")
@@ -120,28 +143,31 @@ class WidthModel:
         self.n = torch.tensor([g.n for _, g in gates], dtype=torch.float64)
         work = copy.deepcopy(source).eval()
         info = [(g.producer_name, g.host_name, g.n) for _, g in named_gates(work)]
+        heads = self._head_gates(work, info)
+        inputs = _one_sample(example_inputs)
+        # measured gated: fused kernels that would skip a gate are off, as in the compacted copy
+        flops, calls = self._measure(work, inputs, [m for m, _ in heads.values()])
         detach(work)
-        inputs = as_tuple(example_inputs)
-        inputs = tuple(t.detach()[:1] if isinstance(t, Tensor) and t.dim() > 0 else t for t in inputs)
-        full, calls = self._measure(work, inputs)
-        self.dense = full
+        self.dense = {"flops": flops, "params": sum(p.numel() for p in work.parameters())}
         for p in work.parameters():
             p.requires_grad_(True)
-        dg = tp.DependencyGraph().build_dependency(work, example_inputs=inputs, verbose=False)
-        sides = self._trace(work, dg, info)
-        self._compile(work, dg, sides, calls)
+        dg = self._graph(work, inputs) if len(heads) < len(info) else None
+        sides = self._trace(work, dg, info, heads)
+        self._compile(work, sides, calls, heads)
 
     # -- measuring
 
     @staticmethod
-    def _measure(work: nn.Module, inputs: tuple) -> tuple[dict[str, int], dict[int, int]]:
-        """Dense totals, and FLOPs of every leaf module (summed over its calls)."""
+    def _measure(work: nn.Module, inputs, attentions: list[nn.Module]) -> tuple[int, dict[int, int]]:
+        """Total FLOPs, and FLOPs of every leaf module and head-gated attention module
+        (summed over its calls); an attention module's include its children's."""
         records: list[tuple[nn.Module, tuple, dict]] = []
+        watched = [m for m in work.modules() if not isinstance(m, DAMGate) and _is_leaf(m)]
         hooks = [m.register_forward_hook(lambda m, a, kw, out: records.append((m, a, kw)), with_kwargs=True)
-                 for m in work.modules() if not any(True for _ in m.children())]
+                 for m in watched + attentions]
         try:
-            with torch.no_grad(), FlopCounter() as counter:
-                work(*inputs)
+            with FlopCounter() as counter:
+                run_eval(work, inputs)
         finally:
             for h in hooks:
                 h.remove()
@@ -151,24 +177,48 @@ class WidthModel:
                 with FlopCounter() as one:
                     module(*args, **kwargs)
                 calls[id(module)] = calls.get(id(module), 0) + int(one.get_total_flops())
-        params = sum(p.numel() for p in work.parameters())
-        return {"flops": int(counter.get_total_flops()), "params": int(params)}, calls
+        return int(counter.get_total_flops()), calls
+
+    @staticmethod
+    def _graph(work: nn.Module, inputs) -> tp.DependencyGraph:
+        try:
+            return _build_graph(work, inputs)
+        except TorchDAMError as exc:
+            raise AttachError(f"a budget cannot trace {type(work).__name__}: {str(exc).splitlines()[0]}") from exc
 
     # -- tracing which sides each gate controls (as torchdam.compact will remove them)
 
-    def _trace(self, work: nn.Module, dg: tp.DependencyGraph, info) -> dict[tuple[int, str], _Side]:
-        modules = {id(m): m for m in work.modules()}
-        producers = {}
+    @staticmethod
+    def _head_gates(work: nn.Module, info) -> dict[int, tuple[nn.Module, attention.Heads]]:
+        """``{gate index: (attention module, its head layout)}`` for the head gates; refuses
+        (one line, naming the module) heads that compact could not remove."""
+        heads = {}
         for i, (producer_name, host_name, n) in enumerate(info):
-            producers[i] = (work.get_submodule(producer_name), work.get_submodule(host_name), n)
+            host = work.get_submodule(host_name)
+            layout = attention.heads_of(host)
+            if layout is None:
+                continue
+            reason = layout.refusal(host)
+            if reason is None and layout.layout(host)[0] != n:
+                reason = f"its gate has {n} units, its layout {layout.layout(host)[0]}"
+            if reason is not None:
+                raise AttachError(f"a budget cannot model the heads of attention {producer_name!r}: {reason}")
+            heads[i] = (host, layout)
+        return heads
+
+    def _trace(self, work: nn.Module, dg: tp.DependencyGraph | None, info,
+               heads: dict[int, tuple[nn.Module, attention.Heads]]) -> dict[tuple[int, str], _Side]:
+        modules = {id(m) for m in work.modules()}
+        customized = tuple(attention.customized_pruners())
         sides: dict[tuple[int, str], _Side] = {}
         seen: set[tuple] = set()
 
-        def add(module, side: str, idxs, gates: tuple[int, ...], n: int) -> None:
+        def add(module, side: str, idxs, gates: tuple[int, ...], n: int, total: int | None = None) -> None:
             key = (id(module), side)
             if key not in sides:
-                pruner = dg.get_pruner_of_module(module)
-                total = pruner.get_out_channels(module) if side == "out" else pruner.get_in_channels(module)
+                if total is None:
+                    pruner = dg.get_pruner_of_module(module)
+                    total = pruner.get_out_channels(module) if side == "out" else pruner.get_in_channels(module)
                 sides[key] = _Side(int(total))
             mark = (key, frozenset(idxs), gates)
             if mark in seen:
@@ -176,14 +226,40 @@ class WidthModel:
             seen.add(mark)
             sides[key].segments.append(_Segment(gates, n, len(set(idxs)) / n))
 
+        def traced(dep) -> bool:
+            module = dep.target.module
+            return id(module) in modules and (dep.target.type in _MODULE_TYPES or isinstance(module, customized))
+
+        # a head gate: its units' channels of the projections attention.py cuts, and the
+        # module's own work and parameters (scores, a packed in-projection), per unit
+        for i, (module, layout) in heads.items():
+            n = info[i][2]
+            for cut in layout.cuts(module):
+                add(cut.layer, cut.side, range(cut.per_unit * cut.parts * n), (i,), n, cut.total)
+            add(module, _UNITS, range(n), (i,), n, n)
+        producers = {}
+        for i, (producer_name, host_name, n) in enumerate(info):
+            if i not in heads:
+                producers[i] = (work.get_submodule(producer_name), work.get_submodule(host_name), n)
+        if not producers:
+            return sides
+        partners = attention.shared_units(work)
         groups = {}
         for i, (producer, host, n) in producers.items():
+            name = info[i][0]
             pruner = dg.get_pruner_of_module(producer)
             if pruner is None:
-                raise AttachError(f"a budget cannot trace gated layer {info[i][0]!r}: Torch-Pruning has no "
+                raise AttachError(f"a budget cannot trace gated layer {name!r}: Torch-Pruning has no "
                                   f"rule for {type(producer).__name__}")
-            groups[i] = dg.get_pruning_group(producer, pruner.prune_out_channels, list(range(n)))
-        stream = {i for i in producers if self._needs_scatter(dg, groups[i], *producers[i])}
+            if producer not in dg.module2node:
+                raise AttachError(f"a budget cannot trace gated layer {name!r}: example_inputs do not reach it")
+            try:
+                groups[i] = dg.get_pruning_group(producer, pruner.prune_out_channels, list(range(n)))
+            except Exception as exc:
+                raise AttachError(f"a budget cannot trace gated layer {name!r}: Torch-Pruning could not find "
+                                  f"the layers coupled with it ({type(exc).__name__})") from exc
+        stream = {i for i in producers
+                  if self._needs_scatter(dg, groups[i], *producers[i], partners.get(id(producers[i][0]), frozenset()))}
         by_module = {}
         for i in stream:
             by_module[id(producers[i][0])] = i
@@ -192,9 +268,8 @@ class WidthModel:
             group = groups[i]
             if i not in stream:
                 for dep, idxs in group:
-                    module = dep.target.module
-                    if id(module) in modules and dep.target.type in _MODULE_TYPES:
-                        add(module, self._side(dg, dep), idxs, (i,), n)
+                    if traced(dep):
+                        add(dep.target.module, self._side(dg, dep), idxs, (i,), n)
                 continue
             # a residual stream: the gate shrinks its own layer (and norm) only ...
             add(producer, "out", range(n), (i,), n)
@@ -207,7 +282,7 @@ class WidthModel:
             own = {id(producers[j][k]) for j in members for k in (0, 1)}
             for dep, idxs in group:
                 module = dep.target.module
-                if id(module) in modules and dep.target.type in _MODULE_TYPES:
+                if traced(dep):
                     side = self._side(dg, dep)
                     if side == "out" and id(module) in own:
                         continue
@@ -219,13 +294,15 @@ class WidthModel:
         return "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
 
     @staticmethod
-    def _needs_scatter(dg: tp.DependencyGraph, group, producer: nn.Module, host: nn.Module, n: int) -> bool:
-        """Mirrors compact: coupled with another writer, or a foreign norm, or no consumer."""
+    def _needs_scatter(dg: tp.DependencyGraph, group, producer: nn.Module, host: nn.Module, n: int,
+                       partners: frozenset[int] = frozenset()) -> bool:
+        """Mirrors compact: coupled with another writer (not a layer whose outputs multiply
+        the producer's, ``partners``: Llama's ``gate_proj``), or a foreign norm, or no consumer."""
         coupled = consumers = False
         for dep, _ in group:
             module = dep.target.module
-            if dg.is_out_channel_pruning_fn(dep.handler) and module is not producer:
-                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            if dg.is_out_channel_pruning_fn(dep.handler) and module is not producer and id(module) not in partners:
+                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *LINEAR_LIKE)):
                     coupled = True
                 elif isinstance(module, nn.modules.batchnorm._NormBase) and module is not host:
                     coupled = True
@@ -255,7 +332,8 @@ class WidthModel:
 
     # -- compiling to tensors
 
-    def _compile(self, work: nn.Module, dg, sides: dict[tuple[int, str], _Side], calls: dict[int, int]) -> None:
+    def _compile(self, work: nn.Module, sides: dict[tuple[int, str], _Side], calls: dict[int, int],
+                 heads: dict[int, tuple[nn.Module, attention.Heads]]) -> None:
         seg_gates, seg_n, seg_mult, seg_side = [], [], [], []
         side_index: dict[tuple[int, str], int] = {}
         side_n = []
@@ -279,22 +357,39 @@ class WidthModel:
         # terms: cost * product of factors; each term has an out side and an in side (-1: none)
         rows = {"flops": [], "params": []}
         rest = dict(self.dense)
+        counted: set[int] = set()  # a tied parameter is counted once, as torchdam.count does
         for module in work.modules():
-            if any(True for _ in module.children()):
+            if not _is_leaf(module):
                 continue
             out_i = side_index.get((id(module), "out"), -1)
             in_i = side_index.get((id(module), "in"), -1)
-            if dg.get_pruner_of_module(module) is not None and _is_depthwise(module):
+            if _is_depthwise(module):
                 in_i = -1  # a depthwise conv's work follows its (coupled) channels once
             flops = calls.get(id(module), 0)
             if flops:
                 rows["flops"].append((flops, out_i, in_i))
                 rest["flops"] -= flops
             for p in module.parameters(recurse=False):
-                o = out_i if out_i >= 0 and p.dim() >= 1 and p.shape[_axis(module, "out")] == side_n[out_i] else -1
-                i = in_i if in_i >= 0 and p.dim() >= 2 and p.shape[_axis(module, "in")] == side_n[in_i] else -1
+                if id(p) in counted:
+                    continue
+                counted.add(id(p))
+                o = out_i if out_i >= 0 and p.dim() >= 1 and p.shape[_axis(module, p, "out")] == side_n[out_i] else -1
+                i = in_i if in_i >= 0 and p.dim() >= 2 and p.shape[_axis(module, p, "in")] == side_n[in_i] else -1
                 rows["params"].append((p.numel(), o, i))
                 rest["params"] -= p.numel()
+        for module, layout in (h for _, h in sorted(heads.items())):
+            # what the attention module computes itself (scores, an nn.MultiheadAttention's
+            # projections applied by weight) and holds itself: per unit
+            units = side_index[(id(module), _UNITS)]
+            inside = {id(m) for m in module.modules() if m is not module}
+            own = calls.get(id(module), 0) - sum(calls.get(i, 0) for i in inside)
+            rows["flops"].append((own, units, -1))
+            rest["flops"] -= own
+            for p in layout.per_unit_parameters(module):
+                if id(p) not in counted:
+                    counted.add(id(p))
+                    rows["params"].append((p.numel(), units, -1))
+                    rest["params"] -= p.numel()
         self._rest = rest
         self._terms = {}
         for metric, r in rows.items():
@@ -339,14 +434,33 @@ class WidthModel:
         return float(self.relative(torch.ones(len(self.names), dtype=torch.float64), metric))
 
 
+def _is_leaf(module: nn.Module) -> bool:
+    """No child module but a DAM gate (a gated layer is a leaf layer)."""
+    return all(isinstance(c, DAMGate) for c in module.children())
+
+
 def _is_depthwise(module: nn.Module) -> bool:
     groups = getattr(module, "groups", 1)
     return groups > 1 and groups == getattr(module, "in_channels", -1)
 
 
-def _axis(module: nn.Module, side: str) -> int:
-    transposed = bool(getattr(module, "transposed", False))
+def _axis(module: nn.Module, p: Tensor, side: str) -> int:
+    """The axis of parameter ``p`` of ``module`` that holds the module's ``side`` channels
+    (a bias: 0; a transposed conv's or HF ``Conv1D``'s weight: ``(in, out, ...)``)."""
+    if p.dim() < 2:
+        return 0
+    transposed = bool(getattr(module, "transposed", False)) or isinstance(module, tuple(LINEAR_LIKE))
     return (1 if transposed else 0) if side == "out" else (0 if transposed else 1)
+
+
+def _one_sample(example_inputs):
+    """The first sample of ``example_inputs`` (a tensor, tuple/list, or dict of keyword inputs)."""
+    def first(t):
+        return t.detach()[:1] if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    if isinstance(example_inputs, Mapping):
+        return {k: first(v) for k, v in example_inputs.items()}
+    return tuple(first(t) for t in as_tuple(example_inputs))
 
 
 def live_counts(model: nn.Module) -> Tensor:
@@ -433,9 +547,10 @@ class Budget:
     # -- setup
 
     def bind(self, model: nn.Module, example_inputs, total_steps: int, start_step: int = 0) -> "Budget":
-        """Trace ``model``'s width model from ``example_inputs`` (one sample is enough) and
-        plan ``total_steps`` optimizer steps; the schedule starts after ``start_step``
-        (e.g. a cold start). Sets every beta to the edge where all its units still live."""
+        """Trace ``model``'s width model from ``example_inputs`` (one sample is enough: a
+        tensor, a tuple, or a dict of keyword inputs for Hugging Face models) and plan
+        ``total_steps`` optimizer steps; the schedule starts after ``start_step`` (e.g. a
+        cold start). Sets every beta to the edge where all its units still live."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"total_steps must be a whole number >= 1, got {total_steps!r}")
         if not 0 <= start_step < total_steps:

@@ -390,10 +390,11 @@ class Trainer:
             args, kwargs = caught.args
         finally:
             handle.remove()
-        if kwargs:
-            raise ConfigError("a size target supports models called with positional tensor inputs; "
-                              f"this forward_fn passes keyword inputs ({', '.join(kwargs)})")
-        self.budget.bind(self.model, args, total_steps=self.config.epochs * steps_per_epoch,
+        if args and kwargs:
+            raise ConfigError("a size target needs the model called with positional inputs only or keyword "
+                              f"inputs only (Hugging Face style); this forward_fn passes {len(args)} positional "
+                              f"and the keywords {', '.join(kwargs)}")
+        self.budget.bind(self.model, kwargs or args, total_steps=self.config.epochs * steps_per_epoch,
                          start_step=self.config.cold_start * steps_per_epoch)
 
     def _postfix(self, tally: _Tally) -> dict:

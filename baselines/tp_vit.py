@@ -193,9 +193,14 @@ def widths(model: nn.Module, sites: dict) -> dict[str, tuple[int, int]]:
 
 
 def run(setup: Setup, strength: float, *, pretrained: Trained | None = None,
-        importance: tp.importance.Importance | None = None) -> Result:
-    """Prune to ``dense FLOPs / strength`` FLOPs per sample, then fine-tune.
+        importance: tp.importance.Importance | None = None, target_flops: float | None = None) -> Result:
+    """Prune to ``dense FLOPs / strength`` FLOPs per sample (or, given ``target_flops``, to
+    that fraction of the dense FLOPs, as the other methods' target mode), then fine-tune.
     ``pretrained``: a :func:`baselines.dense.train` result to prune instead of training anew."""
+    if target_flops is not None:
+        if not 0 < target_flops <= 1:
+            raise ConfigError(f"tp_vit's target_flops is a fraction of the dense FLOPs in (0, 1], got {target_flops}")
+        strength = 1.0 / target_flops
     if not strength >= 1:
         raise ConfigError(f"tp_vit's strength is a FLOPs reduction (>= 1), got {strength}")
     trained = pretrained if pretrained is not None else dense.train(setup)
@@ -206,12 +211,16 @@ def run(setup: Setup, strength: float, *, pretrained: Trained | None = None,
     if not attention and not units:
         raise NotApplicableError(f"{setup.model_name} has no attention module or FFN layer to prune")
     sample = setup.sample()
-    target = count(setup.build(), sample)["flops"] / strength
+    dense_flops = count(setup.build(), sample)["flops"]
+    target = dense_flops / strength
     ratio, head_ratio, small = search_ratio(base, target, setup, attention, units, importance)
     small = small.to(setup.device)
     before = test_accuracy(trained.trainer, small, setup)
     tuned = finetune(small, setup)
     stages = [trained] if tuned is None else [trained, tuned]
-    return finish("tp_vit", strength, small.cpu(), stages, setup, widths(small, sites),
-                  pruning_ratio=ratio, head_pruning_ratio=head_ratio, target_flops=target, test_acc_before_finetune=before,
+    goal = {"target_flops": target_flops, "reached_flops": count(small.cpu(), sample)["flops"] / dense_flops} \
+        if target_flops is not None else {"target_flops": target}
+    return finish("tp_vit", target_flops if target_flops is not None else strength, small.cpu(), stages, setup,
+                  widths(small, sites), pruning_ratio=ratio, head_pruning_ratio=head_ratio, **goal,
+                  test_acc_before_finetune=before,
                   reused_pretrained=pretrained is not None)

@@ -247,7 +247,7 @@ def _runner(method: str, study: Study) -> Callable[[Setup, float, Trained], Resu
     run = BASELINES.get(method)
     if method in BUDGET_METHODS and study.reach_at is not None:
         return lambda setup, s, pre: run(setup, s, reach_at=study.reach_at)
-    if study.targets and method in ("magnitude", "chipnet", "chipnet-flops"):
+    if study.targets and method in ("magnitude", "chipnet", "chipnet-flops", "tp_vit"):
         return lambda setup, s, pre: run(setup, 0.0, pretrained=pre, target_flops=s)
     if method == "slimming" and study.targets:
         return _shared_slimming(run, by_target=True)

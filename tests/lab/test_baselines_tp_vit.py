@@ -88,3 +88,15 @@ def test_strength_is_a_flops_reduction(trained) -> None:
         tp_vit.run(setup, 0.5, pretrained=pre)
     with pytest.raises(NotApplicableError, match="reaches no model"):
         tp_vit.run(setup, 1000.0, pretrained=pre)
+
+
+def test_target_mode_takes_a_fraction_of_the_dense_flops(trained) -> None:
+    """--targets mode: the same pruning given ``target_flops`` (a fraction), recorded as the
+    fraction and the reached fraction, like the other methods' target rows."""
+    setup, pre = trained
+    result = tp_vit.run(setup, 0.0, pretrained=pre, target_flops=0.5)
+    assert result.strength == 0.5 and result.extra["target_flops"] == 0.5
+    assert result.extra["reached_flops"] == pytest.approx(result.flops / result.dense_flops)
+    assert 0.5 * 0.97 <= result.extra["reached_flops"] <= 0.5
+    with pytest.raises(Exception, match="fraction of the dense FLOPs"):
+        tp_vit.run(setup, 0.0, pretrained=pre, target_flops=2.0)

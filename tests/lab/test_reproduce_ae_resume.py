@@ -87,10 +87,15 @@ def test_cli_report_only_and_protocol_option(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["mnist-autoencoder", "--protocol", "quick", "--report-only", "--out", str(tmp_path)])
     assert exit_info.value.code == 0
-    # an experiment without protocols says so instead of ignoring the option
+
+
+def test_cli_refuses_an_option_the_experiment_lacks(tmp_path, capsys):
+    """An experiment without resumable sweeps says so instead of ignoring --report-only."""
+    pytest.importorskip("torch_geometric")
     with pytest.raises(SystemExit) as exit_info:
-        main(["dimensionality-reduction", "--protocol", "paper", "--out", str(tmp_path / "d")])
-    assert exit_info.value.code == 2 and "no option --protocol" in capsys.readouterr().err
+        main(["recommendation", "--report-only", "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "no option --report-only" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_killed_mid_training_resumes_from_its_epoch_checkpoint(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from reproduce import EXPERIMENTS
 from reproduce.__main__ import main
 from reproduce.autoencoder import L1Scale, build_autoencoder, macro_f1
 from reproduce.common import components_for, pca, pca_elbow
@@ -30,7 +31,10 @@ def test_dimensionality_reduction_quick(tmp_path):
         assert r["trajectory"][0][0] == 1 and r["trajectory"][-1][0] == results["protocol"][r["case"]]["steps"]
     linear = results["runs"][0]
     assert linear["pca_elbow"] == 10 == linear["pca_99"]  # rank-10 data: an unmistakable elbow
-    assert "| linear | 10 | 1 |" in md
+    assert "| linear | 10 | 500 | 1 |" in md and "Protocol 'quick'" in md
+    # started again, the finished sweep trains nothing and writes the same results
+    assert run_quick("dimensionality-reduction", tmp_path) == (results, md)
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.parametrize("name", ["mnist-autoencoder", "fashion-mnist-autoencoder"])
@@ -149,6 +153,8 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
 
     for mod in [m for m in sys.modules if m.startswith(("reproduce.graph", "torch_geometric"))]:
         monkeypatch.delitem(sys.modules, mod)
+    # a module imported earlier in this process registered the experiment: import it afresh
+    monkeypatch.delitem(EXPERIMENTS._items, "graph-representation", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_geometric)
     with pytest.raises(SystemExit) as exit_info:
         main(["graph-representation", "--quick"])

@@ -10,17 +10,13 @@ same width is the classical reference.
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
-import os
 import shutil
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 import torch
@@ -32,7 +28,8 @@ from torchdam.attach import attach, widths
 from torchdam.data import fashion_mnist_arrays, mnist_arrays
 from reproduce import EXPERIMENTS
 from reproduce.common import (
-    mean_std, pca, plt, progress, save_figure, seed_list, table, write_results,
+    RUNS_FILE, SweepLock, append_run, check_sweep, mean_std, pca, plt, progress, read_runs, save_figure, seed_list,
+    table, write_json, write_results,
 )
 from torchdam.checkpoint import find_checkpoints
 from torchdam.errors import ConfigError
@@ -184,8 +181,6 @@ QUICK = Protocol(epochs=2, runs=1, lambdas=(0.1, 5.0), classifier_epochs=2, pca_
 #: ``--protocol`` choices; "short" is the default, "quick" what ``--quick`` selects.
 PROTOCOLS = {"short": SHORT, "paper": PAPER, "quick": QUICK}
 DEFAULT_PROTOCOL = "short"
-RUNS_FILE = "runs.jsonl"
-SWEEP_FILE = "sweep.json"
 PCA_FILE = "pca.json"
 TRAIN_DIR = "train"  #: per-run Trainer folders (epoch log, checkpoints while the run trains)
 
@@ -374,64 +369,9 @@ def _markdown(title: str, protocol_name: str, protocol: Protocol, runs: list[dic
 
 # ---------------------------------------------------------------- the resumable sweep
 
-def read_runs(out_dir: Path) -> list[dict]:
-    """The finished runs recorded in ``out_dir/runs.jsonl`` (one JSON object a line). A line
-    cut short by a kill is skipped with a warning (that run is simply trained again); a
-    later duplicate of a run replaces the earlier one."""
-    path = Path(out_dir) / RUNS_FILE
-    if not path.is_file():
-        return []
-    runs: dict[tuple, dict] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            run = json.loads(line)
-            key = run_key(run["method"], run["lambda"], run["seed"])
-        except (ValueError, KeyError, TypeError):
-            warnings.warn(f"{path}: line {n} is not a complete run record (a write cut short?); skipped",
-                          stacklevel=2)
-            continue
-        runs[key] = run
-    return list(runs.values())
-
-
-def append_run(out_dir: Path, run: dict) -> None:
-    """Append one run to ``runs.jsonl``, flushed and fsync'ed before returning. A last line
-    without its newline is a write a kill cut short: it is dropped first (only one process
-    writes, under the sweep's lock)."""
-    path = Path(out_dir) / RUNS_FILE
-    with open(path, "a+b") as f:
-        f.seek(0)
-        content = f.read()
-        if content and not content.endswith(b"\n"):
-            f.truncate(content.rfind(b"\n") + 1)
-        f.write((json.dumps(run) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _check_sweep(out_dir: Path, identity: dict) -> None:
-    """``sweep.json`` names the data and protocol of the runs in ``out_dir``; runs of another
-    sweep are never pooled with them."""
-    path = out_dir / SWEEP_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != identity:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}"
-                              for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k))
-            raise ConfigError(f"{out_dir} holds runs of another sweep ({diffs}); "
-                              "choose another --out or the same --protocol")
-    else:
-        if (out_dir / RUNS_FILE).is_file():
-            raise ConfigError(f"{out_dir / RUNS_FILE} exists without {SWEEP_FILE}: cannot tell which sweep it is")
-        _write_json(path, identity)
+def run_record_key(run: dict) -> tuple[str, float, int]:
+    """A ``runs.jsonl`` record's run (:func:`reproduce.common.read_runs`)."""
+    return run_key(run["method"], run["lambda"], run["seed"])
 
 
 def _pca_cached(out_dir: Path, arrays: tuple[Tensor, ...], protocol: Protocol, identity: dict) -> dict:
@@ -443,30 +383,8 @@ def _pca_cached(out_dir: Path, arrays: tuple[Tensor, ...], protocol: Protocol, i
         if saved.get("sweep") == identity:
             return {key: {int(w): v for w, v in saved[key].items()} for key in ("test_mse", "macro_f1")}
     ref = pca_reference(arrays, protocol)
-    _write_json(path, {"sweep": identity, **ref})
+    write_json(path, {"sweep": identity, **ref})
     return ref
-
-
-class _Lock:
-    """One process trains a sweep folder at a time (a second would train the same runs)."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / ".lock"
-
-    def __enter__(self) -> Self:
-        self.file = open(self.path, "w")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise ConfigError(f"{self.path.parent}: another process is training this sweep; "
-                              "use --report-only to write up its runs so far") from None
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
 
 
 def sweep_jobs(protocol: Protocol, seeds: list[int]) -> list[tuple[str, float, int]]:
@@ -497,11 +415,11 @@ def run_autoencoder(data: str, out_dir: Path, quick: bool = False, seeds: int | 
     if report_only and not (out_dir / RUNS_FILE).is_file():
         raise ConfigError(f"{out_dir / RUNS_FILE}: no runs to report yet")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_sweep(out_dir, identity)
+    check_sweep(out_dir, identity)
     arrays = load_images(data, chosen)
     if not report_only:
-        with _Lock(out_dir):
-            done = {run_key(r["method"], r["lambda"], r["seed"]) for r in read_runs(out_dir)}
+        with SweepLock(out_dir):
+            done = {run_record_key(r) for r in read_runs(out_dir, run_record_key)}
             jobs = [job for job in sweep_jobs(chosen, seed_ids) if run_key(*job) not in done]
             total = len(sweep_jobs(chosen, seed_ids))
             for n, (m, lam, s) in enumerate(progress(jobs, f"{data}-autoencoder"), start=total - len(jobs) + 1):
@@ -519,7 +437,7 @@ def report(data: str, out_dir: Path, protocol_name: str, protocol: Protocol, arr
            identity: dict, expected: int) -> dict:
     """Tables, plots and results.json from the runs in ``runs.jsonl`` (all or some of them)."""
     lambdas = list(protocol.lambdas)
-    runs = sorted(read_runs(out_dir), key=lambda r: (  # the sweep's own (seed-major) order
+    runs = sorted(read_runs(out_dir, run_record_key), key=lambda r: (  # the sweep's own (seed-major) order
         r["seed"], lambdas.index(r["lambda"]) if r["lambda"] in lambdas else len(lambdas), r["lambda"],
         METHODS.index(r["method"])))
     if not runs:

@@ -1,10 +1,15 @@
-"""What the reproduction experiments share: seeds, statistics, PCA, result files, plots."""
+"""What the reproduction experiments share: seeds, statistics, PCA, result files, plots,
+and the resumable sweep (finished runs in ``runs.jsonl``, the sweep's identity in
+``sweep.json``, one training process per folder)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Self, Sequence
 
 import matplotlib
 import torch
@@ -15,14 +20,16 @@ matplotlib.use("Agg")  # no screen here, and plots go to files
 import matplotlib.pyplot as plt  # noqa: E402,F401  (re-exported for the experiment modules)
 
 from torchdam.atomic import write_atomic  # noqa: E402
+from torchdam.errors import ConfigError  # noqa: E402
+
+RUNS_FILE = "runs.jsonl"
+SWEEP_FILE = "sweep.json"
 
 
 def seed_list(seeds: int | None, default: int, quick: bool) -> list[int]:
     """Seeds 0..n-1: one in quick mode unless asked otherwise, else ``seeds`` or the protocol's."""
     n = seeds if seeds is not None else (1 if quick else default)
     if n < 1:
-        from torchdam.errors import ConfigError
-
         raise ConfigError(f"--seeds must be >= 1, got {n}")
     return list(range(n))
 
@@ -100,3 +107,89 @@ def format_mean_std(values: Iterable[float | None], fmt: str = "{:.4f}") -> str:
     """``"mean +- std"`` (:func:`mean_std`) for a table cell; ``"-"`` without values."""
     mean, std = mean_std(values)
     return "-" if mean is None else f"{fmt.format(mean)} +- {fmt.format(std)}"
+
+
+# ---------------------------------------------------------------- resumable sweeps
+
+def read_runs(out_dir: Path, key: Callable[[dict], Hashable]) -> list[dict]:
+    """The finished runs recorded in ``out_dir/runs.jsonl`` (one JSON object a line).
+    ``key(run)`` names a run (e.g. its method, lambda and seed); a later record of the same
+    run replaces the earlier one. A line cut short by a kill (not JSON, or ``key`` fails on
+    it) is skipped with a warning: that run is simply trained again."""
+    path = Path(out_dir) / RUNS_FILE
+    if not path.is_file():
+        return []
+    runs: dict[Hashable, dict] = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            run = json.loads(line)
+            name = key(run)
+        except (ValueError, KeyError, TypeError):
+            warnings.warn(f"{path}: line {n} is not a complete run record (a write cut short?); skipped",
+                          stacklevel=2)
+            continue
+        runs[name] = run
+    return list(runs.values())
+
+
+def append_run(out_dir: Path, run: dict) -> None:
+    """Append one run to ``runs.jsonl``, flushed and fsync'ed before returning. A last line
+    without its newline is a write a kill cut short: it is dropped first (only one process
+    writes, under :class:`SweepLock`)."""
+    path = Path(out_dir) / RUNS_FILE
+    with open(path, "a+b") as f:
+        f.seek(0)
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            f.truncate(content.rfind(b"\n") + 1)
+        f.write((json.dumps(run) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    write_atomic(path, json.dumps(obj, indent=1) + "\n", path.name)
+
+
+def check_sweep(out_dir: Path, identity: dict) -> None:
+    """``sweep.json`` names the experiment and protocol of the runs in ``out_dir``: written
+    by the first start, compared by every later one, so runs of another sweep are never
+    pooled with them (:class:`ConfigError` listing what differs)."""
+    path = Path(out_dir) / SWEEP_FILE
+    identity = json.loads(json.dumps(identity))  # tuples -> lists, as read back
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != identity:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}"
+                              for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k))
+            raise ConfigError(f"{out_dir} holds runs of another sweep ({diffs}); "
+                              "choose another --out or the same --protocol")
+    else:
+        if (Path(out_dir) / RUNS_FILE).is_file():
+            raise ConfigError(f"{Path(out_dir) / RUNS_FILE} exists without {SWEEP_FILE}: cannot tell which sweep it is")
+        write_json(path, identity)
+
+
+class SweepLock:
+    """One process trains a sweep folder at a time (a second would train the same runs)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / ".lock"
+
+    def __enter__(self) -> Self:
+        self.file = open(self.path, "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ConfigError(f"{self.path.parent}: another process is training this sweep; "
+                              "use --report-only to write up its runs so far") from None
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()

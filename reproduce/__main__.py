@@ -20,10 +20,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="output folder (default runs/reproduce/NAME, or NAME-PROTOCOL with --protocol)")
     parser.add_argument("--protocol", default=None,
                         help="named protocol, for experiments that have several (the autoencoders: "
-                             "short [default], paper, quick)")
+                             "short [default], paper, quick; recommendation: cpu-budget [default], longer, "
+                             "paper, quick)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write results from the runs already recorded in --out "
-                             "(experiments with resumable sweeps: the autoencoders)")
+                             "(experiments with resumable sweeps: the autoencoders, recommendation)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 on a shared machine)")
     args = parser.parse_args(argv)

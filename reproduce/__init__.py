@@ -4,11 +4,11 @@ from a checkout's root (this folder is not installed with the library).
 Each experiment is one module that registers a function
 ``run(out_dir: Path, quick: bool, seeds: int | None, **own_options) -> dict`` in
 :data:`EXPERIMENTS`; it writes ``results.json``, ``results.md`` and its plots to ``out_dir``
-and returns the results. Own options so far: ``protocol`` (``--protocol short|paper|quick``)
-and ``report_only`` (``--report-only``), taken by the experiments that are resumable sweeps
-(the autoencoders, dimensionality-reduction, graph-representation: :mod:`reproduce.common`).
-``quick`` is a seconds-long smoke version (used by the tests); the full version is what
-REPRODUCTION.md reports.
+and returns the results. Own options so far: ``protocol`` (``--protocol``) and
+``report_only`` (``--report-only``), taken by the experiments that are resumable sweeps
+(the autoencoders, dimensionality-reduction, graph-representation, recommendation:
+:mod:`reproduce.common`). ``quick`` is a seconds-long smoke version (used by the tests);
+the full version is what REPRODUCTION.md reports.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _missing_extra(name: str, err: ModuleNotFoundError) -> None:
 
 def run_experiment(name: str, out_dir: Path, quick: bool = False, seeds: int | None = None, **options) -> dict:
     """Run experiment ``name``. ``options`` are the experiment's own keywords (e.g. the
-    autoencoders' ``protocol`` and ``report_only``); one set to anything but ``None``/``False``
+    autoencoders' and recommendation's ``protocol`` and ``report_only``); one set to anything but ``None``/``False``
     that the experiment does not take is a :class:`ConfigError`."""
     _import(name)
     experiment = EXPERIMENTS.get(name)

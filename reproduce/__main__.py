@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="output folder (default runs/reproduce/NAME, or NAME-PROTOCOL with --protocol)")
     parser.add_argument("--protocol", default=None,
                         help="named protocol, for experiments that have several (the autoencoders, "
-                             "dimensionality-reduction, graph-representation: short [default], paper, quick)")
+                             "dimensionality-reduction, graph-representation: short [default], paper, quick; "
+                             "recommendation: cpu-budget [default], longer, paper, quick)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write results from the runs already recorded in --out "
                              "(experiments with resumable sweeps: those with --protocol)")

@@ -186,6 +186,7 @@ def check_sweep(out_dir: Path, identity: dict) -> None:
     runs of another sweep are never pooled with them (one-line :class:`ConfigError`). The
     first start writes it."""
     path = Path(out_dir) / SWEEP_FILE
+    identity = json.loads(json.dumps(identity))  # tuples -> lists, as read back
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved != identity:

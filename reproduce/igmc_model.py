@@ -20,7 +20,7 @@ class BasisRGCNConv(nn.Module):
     """``torch_geometric.nn.RGCNConv(in, out, num_relations, num_bases)`` (mean aggregation
     per relation, root weight, bias), same parameters and outputs, but vectorised over
     relations: PyG's version runs one message pass per relation type, which on CPU is ~70x
-    slower for YahooMusic's 71 rating levels. ``tests/test_experiments_graph_igmc.py``
+    slower for YahooMusic's 71 rating levels. ``tests/lab/test_reproduce_graph_igmc.py``
     checks the two agree on a state dict loaded into both."""
 
     def __init__(self, in_channels: int, out_channels: int, num_relations: int, num_bases: int) -> None:

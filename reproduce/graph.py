@@ -19,6 +19,7 @@ run. Data: :mod:`reproduce.data.planetoid`. Protocols (epochs, widths, seeds): :
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -180,6 +181,7 @@ def run_gae(g: PlanetoidGraph, dim: int, dam: bool, seed: int, cfg: GraphConfig,
     from torch_geometric.transforms import RandomLinkSplit
 
     torch.manual_seed(seed)  # the same seed gives the same link split for every variant
+    random.seed(seed)  # torch_geometric's negative sampling draws from Python's random
     split = RandomLinkSplit(num_val=0.05, num_test=0.1, is_undirected=True, split_labels=True,
                             add_negative_train_samples=False)
     train, _, test = split(Data(x=g.x, edge_index=g.edge_index, num_nodes=g.num_nodes))

@@ -89,13 +89,22 @@ def test_cli_report_only_and_protocol_option(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 0
 
 
-def test_cli_refuses_an_option_the_experiment_lacks(tmp_path, capsys):
-    """An experiment without resumable sweeps says so instead of ignoring --report-only."""
+def test_report_only_without_runs_is_one_line(tmp_path, capsys):
+    """Every experiment is a resumable sweep now: --report-only on a folder with no runs
+    says so in one line instead of training or writing empty tables."""
     pytest.importorskip("torch_geometric")
     with pytest.raises(SystemExit) as exit_info:
         main(["recommendation", "--report-only", "--out", str(tmp_path / "r")])
-    assert exit_info.value.code == 2 and "no option --report-only" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
+    assert exit_info.value.code == 2 and "no runs to report yet" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "results.md").exists()
+
+
+def test_an_option_the_experiment_lacks_is_refused(tmp_path):
+    from reproduce import run_experiment
+    from torchdam.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has no option --no-such-option"):
+        run_experiment("dimensionality-reduction", tmp_path, quick=True, no_such_option=True)
 
 
 def test_run_killed_mid_training_resumes_from_its_epoch_checkpoint(tmp_path, monkeypatch):

@@ -16,13 +16,14 @@ import dataclasses
 
 from baselines.common import Result, Setup, finetune, fit, finish, test_accuracy
 from torchdam.attach import attach, named_gates, widths
+from torchdam.budget import REACH_AT
 from torchdam.compact import compact
 from torchdam.count import count
 
 NAMES = {"cost": "dam-budget", "uniform": "dam-budget-uniform"}
 FINETUNED = "dam-budget-ft"
 #: :class:`torchdam.Budget`'s default; a run at another value is labelled with it
-DEFAULT_REACH_AT = 0.65
+DEFAULT_REACH_AT = REACH_AT
 
 
 def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float = DEFAULT_REACH_AT,

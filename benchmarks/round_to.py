@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import torchdam as dam
 from torchdam.atomic import write_atomic
-from torchdam.budget import Budget
+from torchdam.budget import TOLERANCE, Budget
 from torchdam.count import paired_latency
 from torchdam.models import build_model
 
@@ -92,13 +92,18 @@ def measure(models: list[str], targets: list[float], round_tos: list[int], patte
 
 
 def summarize(rows: list[dict], batch_sizes: tuple[int, ...]) -> list[dict]:
-    """Per model and round_to: the median over patterns and targets of the speed-up against
-    round_to=1, and of the FLOPs reached."""
+    """Per model, target and round_to: how many patterns met the target within +-3% (and how
+    many could not reach it), the median FLOPs reached, and the median over patterns of the
+    speed-up against round_to=1 (with its min and max)."""
     out = []
-    for key in dict.fromkeys((r["model"], r["round_to"]) for r in rows):
-        group = [r for r in rows if (r["model"], r["round_to"]) == key]
-        out.append({"model": key[0], "round_to": key[1], "runs": len(group),
+    for key in dict.fromkeys((r["model"], r["target"], r["round_to"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["target"], r["round_to"]) == key]
+        t = key[1]
+        out.append({"model": key[0], "target": t, "round_to": key[2], "runs": len(group),
                     "unreachable": sum(r["unreachable"] for r in group),
+                    "within": sum(t * (1 - TOLERANCE) <= r["flops"] <= t * (1 + TOLERANCE) for r in group),
+                    "within_round_to_1": sum(t * (1 - TOLERANCE) <= r["flops_round_to_1"] <= t * (1 + TOLERANCE)
+                                             for r in group),
                     "flops": statistics.median(r["flops"] for r in group),
                     "flops_round_to_1": statistics.median(r["flops_round_to_1"] for r in group),
                     **{f"b{b}": statistics.median(r[f"speedup_b{b}"]["median"] for r in group) for b in batch_sizes},
@@ -110,16 +115,18 @@ def summarize(rows: list[dict], batch_sizes: tuple[int, ...]) -> list[dict]:
 def markdown(summary: list[dict], meta: dict) -> str:
     bs = meta["batch_sizes"]
     lines = [f"# round_to: latency of the rounded compacted model against round_to=1 ({meta['when']})", "",
-             f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s); targets {meta['targets']}, "
-             f"{meta['patterns']} width pattern(s) each. Speed-up = round_to=1 time / rounded time (> 1: the "
-             "rounded model is faster), median over patterns and targets of each pair's median ratio "
-             "(min..max over them).", "",
-             "| model | round_to | runs | target unreachable | FLOPs (rounded) | FLOPs (round_to=1) | " +
-             " | ".join(f"speed-up b{b}" for b in bs) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(bs)]
+             f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s); {meta['patterns']} width "
+             "pattern(s) per target. Speed-up = round_to=1 time / rounded time (> 1: the rounded model is "
+             "faster), median over the patterns of each pair's median ratio (min..max over them). "
+             "Within +-3%: patterns whose compacted FLOPs landed within 3% of the target (rounded / round_to=1).",
+             "",
+             "| model | target | round_to | within +-3% | unreachable | FLOPs (rounded) | FLOPs (round_to=1) | "
+             + " | ".join(f"speed-up b{b}" for b in bs) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(bs)]
     for s in summary:
         cells = [f"{s[f'b{b}']:.3f} ({s[f'b{b}_min']:.2f}..{s[f'b{b}_max']:.2f})" for b in bs]
-        lines.append(f"| {s['model']} | {s['round_to']} | {s['runs']} | {s['unreachable']} | {100 * s['flops']:.1f}% | "
+        lines.append(f"| {s['model']} | {100 * s['target']:.0f}% | {s['round_to']} | {s['within']}/{s['runs']} "
+                     f"({s['within_round_to_1']}/{s['runs']}) | {s['unreachable']} | {100 * s['flops']:.1f}% | "
                      f"{100 * s['flops_round_to_1']:.1f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -220,6 +220,23 @@ def test_budget_reaches_the_flops_target_on_a_transformer(name, target):
     assert (ref - out).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
+def test_round_to_rounds_ffn_units_but_not_heads():
+    """A head is already head_dim channels: round_to applies to the FFN units only, so a
+    model with fewer heads than round_to still loses heads."""
+    torch.manual_seed(0)
+    model, (x, y) = EncoderNet(), _sequence_task()
+    dam.attach(model)
+    budget = _train(model, x, y, Budget(flops=1 / 3, round_to=8), lambda t: t)
+    got, _ = reached(model, x[:4], x[:1])
+    assert got <= (1 / 3) * (1 + TOLERANCE) and budget.frozen
+    widths = dam.widths(model)
+    heads = {n: w for n, w in widths.items() if "self_attn" in n}
+    ffn = {n: w for n, w in widths.items() if "self_attn" not in n}
+    assert heads and ffn and HEADS < 8
+    assert all(a % 8 == 0 or a == t for a, t in ffn.values()), ffn
+    assert any(a < t for a, t in heads.values()), heads
+
+
 def test_trainer_with_keyword_inputs_reaches_a_target_on_bert():
     """``Trainer`` binds the budget to the inputs ``forward_fn`` passes, keywords included."""
     torch.manual_seed(0)

@@ -81,6 +81,11 @@ from torchdam.gates import DAMGate
 METRICS = ("flops", "params")
 PENALTIES = ("cost", "uniform")
 SCHEDULES = ("cubic", "linear")
+#: Default fraction of the steps by which the target is reached.
+REACH_AT = 0.65
+#: Default ``round_to``, chosen by measurement (BENCHMARKS.md "round_to"): coarser steps
+#: run wide models a little faster at equal FLOPs but cost narrow ones the target's +-3%.
+ROUND_TO = 1
 #: Relative tolerance of a reached budget: never above target * (1 + TOLERANCE).
 TOLERANCE = 0.03
 #: The controller recomputes the gates' marginal costs every this many steps.
@@ -154,6 +159,8 @@ class WidthModel:
         dg = self._graph(work, inputs) if len(heads) < len(info) else None
         sides = self._trace(work, dg, info, heads)
         self._compile(work, sides, calls, heads)
+        #: indices (in :attr:`names`) of the gates whose units are attention heads
+        self.head_gates = frozenset(heads)
 
     # -- measuring
 
@@ -510,9 +517,9 @@ class Budget:
 
     flops: float | None = None
     params: float | None = None
-    reach_at: float = 0.65
+    reach_at: float = REACH_AT
     penalty: str = "cost"
-    round_to: int = 1
+    round_to: int = ROUND_TO
     schedule: str = "cubic"
 
     def __post_init__(self) -> None:
@@ -568,7 +575,8 @@ class Budget:
         self._k = torch.tensor([g.k for g in self.gates], dtype=torch.float64)
         self._lo = self._k * (1.5 / self._n - 1.0)  # one unit live
         self._hi = self._k / (2.0 * self._n)        # every unit live, as near the edge as can be
-        mins = torch.tensor([float(self.allowed(g.n)[0]) for g in self.gates], dtype=torch.float64)
+        self._allowed = [self.allowed(g.n, heads=i in wm.head_gates) for i, g in enumerate(self.gates)]
+        mins = torch.tensor([float(a[0]) for a in self._allowed], dtype=torch.float64)
         self.floor = float(wm.relative(mins, self.metric))  # every gated layer at its fewest units
         self.unreachable = self.floor > self.target
         if self._pending is not None:
@@ -670,9 +678,11 @@ class Budget:
 
     # -- the snap
 
-    def allowed(self, n: int) -> list[int]:
-        """The live counts the snap may choose for a gate over ``n`` units."""
-        r = self.round_to
+    def allowed(self, n: int, heads: bool = False) -> list[int]:
+        """The live counts the snap may choose for a gate over ``n`` units. ``round_to``
+        does not apply to a gate over attention heads (``heads``): a head is already
+        ``head_dim`` channels, and rounding head counts would keep small attention whole."""
+        r = 1 if heads else self.round_to
         values = list(range(r, n + 1, r)) or [n]
         if values[-1] != n:
             values.append(n)
@@ -686,7 +696,7 @@ class Budget:
         if not self.bound:
             raise ConfigError("Budget.snap() before Budget.bind(model, example_inputs, total_steps)")
         wm = self.width_model
-        allowed = [self.allowed(g.n) for g in self.gates]
+        allowed = self._allowed
         if start is None:
             before = _continuous_live(self._shadow, self._n, self._k)
         else:
@@ -893,7 +903,7 @@ def check_config(config) -> None:
         if config.penalty not in (None, "uniform"):
             raise ConfigError(f"penalty={config.penalty!r} needs a target (target_flops or target_params); "
                               "without one DAM uses the paper's uniform penalty lam * mean(beta)")
-        if config.round_to != 1:
+        if config.round_to != ROUND_TO:
             raise ConfigError("round_to needs a target (target_flops or target_params)")
 
 

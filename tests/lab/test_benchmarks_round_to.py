@@ -18,4 +18,6 @@ def test_round_to_quick_writes_results(tmp_path):
     assert all(v % 4 == 0 or v == n for v, n in zip(row["live"].values(), row["widths"].values()))
     assert row["flops"] <= 0.5 * 1.03 and row["flops_round_to_1"] <= 0.5 * 1.03
     assert row["speedup_b1"]["median"] > 0 and row["speedup_b1"]["pairs"] == 4
-    assert "| lenet5 | 4 | 1 |" in (tmp_path / "round_to.md").read_text()
+    (summary,) = results["summary"]
+    assert summary["within_round_to_1"] == 1 and summary["runs"] == 1
+    assert "| lenet5 | 50% | 4 |" in (tmp_path / "round_to.md").read_text()

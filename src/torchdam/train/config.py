@@ -8,6 +8,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from torchdam.budget import REACH_AT, ROUND_TO
 from torchdam.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -84,11 +85,11 @@ class TrainConfig:
     target_flops: float | None = None
     target_params: float | None = None
     #: Fraction of the steps by which the target is reached (then the widths freeze).
-    reach_at: float = 0.65
+    reach_at: float = REACH_AT
     #: ``"cost"`` (default with a target) or ``"uniform"`` (the paper's mean(beta)).
     penalty: str | None = None
-    #: Snapped widths are multiples of this (budget mode).
-    round_to: int = 1
+    #: Snapped widths are multiples of this (budget mode; attention heads are not rounded).
+    round_to: int = ROUND_TO
 
     def __post_init__(self) -> None:
         try:

@@ -173,3 +173,18 @@ def test_old_checkpoint_option_still_selects_the_shipped_epoch(tmp_path, capsys)
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert "--checkpoint is now called --ship" in err and "--ship must be 'last' or 'best'" in err
+
+
+def test_prune_to_a_flops_target_without_lam_or_beta_lr(tmp_path, capsys):
+    """The README's first command with a size: --target-flops alone (no --lam, no --beta-lr)
+    lands within +-3% of the target, never above, and the report says target vs reached."""
+    code, out, err = run_cli(["prune", "--limit", "3000", "--epochs", "2", "--target-flops", "0.5",
+                              "--latency-repeats", "3", "--no-progress", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    reached = report["after"]["flops"] / report["before"]["flops"]
+    assert 0.5 * 0.97 <= reached <= 0.5 * 1.03
+    assert report["budget"]["ok"] and report["budget"]["target"] == 0.5
+    assert report["budget"]["reached"] == pytest.approx(reached)
+    assert report["test_acc_gated"] == report["test_acc_compacted"]
+    assert "FLOPs target 50.0% of dense -> reached" in out and "within +-3%" in out

@@ -73,7 +73,8 @@ from torch import Tensor, nn
 
 from torchdam import attention
 from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
-from torchdam.compact import _build_graph, as_tuple, run_eval, unwrap
+from torchdam.compact import (_bias_deltas, _build_graph, _channelwise, _consumers, _frozen, _Gated, _input_values,
+                               _stream_members, _tied, as_tuple, run_eval, unwrap)
 from torchdam.count import FlopCounter
 from torchdam.errors import AttachError, ConfigError, TorchDAMError
 from torchdam.gates import DAMGate
@@ -152,12 +153,13 @@ class WidthModel:
         inputs = _one_sample(example_inputs)
         # measured gated: fused kernels that would skip a gate are off, as in the compacted copy
         flops, calls = self._measure(work, inputs, [m for m, _ in heads.values()])
+        attention.keep_nested_tensors_off(work)  # as in compact's copy: encoders run as when gated
         detach(work)
         self.dense = {"flops": flops, "params": sum(p.numel() for p in work.parameters())}
         for p in work.parameters():
             p.requires_grad_(True)
         dg = self._graph(work, inputs) if len(heads) < len(info) else None
-        sides = self._trace(work, dg, info, heads)
+        sides = self._trace(work, dg, info, heads, inputs)
         self._compile(work, sides, calls, heads)
         #: indices (in :attr:`names`) of the gates whose units are attention heads
         self.head_gates = frozenset(heads)
@@ -214,7 +216,7 @@ class WidthModel:
         return heads
 
     def _trace(self, work: nn.Module, dg: tp.DependencyGraph | None, info,
-               heads: dict[int, tuple[nn.Module, attention.Heads]]) -> dict[tuple[int, str], _Side]:
+               heads: dict[int, tuple[nn.Module, attention.Heads]], inputs) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
         customized = tuple(attention.customized_pruners())
         sides: dict[tuple[int, str], _Side] = {}
@@ -251,7 +253,8 @@ class WidthModel:
         if not producers:
             return sides
         partners = attention.shared_units(work)
-        groups = {}
+        frozen = _frozen(work, _tied(work))
+        groups, layers, consumers = {}, {}, {}
         for i, (producer, host, n) in producers.items():
             name = info[i][0]
             pruner = dg.get_pruner_of_module(producer)
@@ -265,12 +268,15 @@ class WidthModel:
             except Exception as exc:
                 raise AttachError(f"a budget cannot trace gated layer {name!r}: Torch-Pruning could not find "
                                   f"the layers coupled with it ({type(exc).__name__})") from exc
-        stream = {i for i in producers
-                  if self._needs_scatter(dg, groups[i], *producers[i], partners.get(id(producers[i][0]), frozenset()))}
-        by_module = {}
+            # as compact sees a layer whose every unit is dead: which units go is DAM's order
+            layers[i] = _Gated(name, producer, info[i][1], host, -1, n, [], list(range(n)))
+            consumers[i] = _consumers(dg, groups[i], layers[i], frozen, partners.get(id(producer), frozenset()))
+        removable = self._removable(work, inputs, layers, consumers)
+        stream = {i for i in producers if i not in removable}
+        by_module: dict[int, _Gated] = {}
         for i in stream:
-            by_module[id(producers[i][0])] = i
-            by_module[id(producers[i][1])] = i
+            by_module[id(layers[i].producer)] = by_module[id(layers[i].host)] = layers[i]
+        index = {id(layer): i for i, layer in layers.items()}
         for i, (producer, host, n) in producers.items():
             group = groups[i]
             if i not in stream:
@@ -283,9 +289,10 @@ class WidthModel:
             if host is not producer:
                 add(host, "out", range(n), (i,), n)
             # ... and the stream narrows to its widest writer when every writer is gated
-            members = self._stream_members(dg, group, n, by_module, producers)
-            if members is None:
+            found = _stream_members(dg, layers[i], by_module, frozen)
+            if found is None:
                 continue
+            members = {index[id(m)] for m in found}
             own = {id(producers[j][k]) for j in members for k in (0, 1)}
             for dep, idxs in group:
                 module = dep.target.module
@@ -301,41 +308,37 @@ class WidthModel:
         return "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
 
     @staticmethod
-    def _needs_scatter(dg: tp.DependencyGraph, group, producer: nn.Module, host: nn.Module, n: int,
-                       partners: frozenset[int] = frozenset()) -> bool:
-        """Mirrors compact: coupled with another writer (not a layer whose outputs multiply
-        the producer's, ``partners``: Llama's ``gate_proj``), or a foreign norm, or no consumer."""
-        coupled = consumers = False
-        for dep, _ in group:
-            module = dep.target.module
-            if dg.is_out_channel_pruning_fn(dep.handler) and module is not producer and id(module) not in partners:
-                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *LINEAR_LIKE)):
-                    coupled = True
-                elif isinstance(module, nn.modules.batchnorm._NormBase) and module is not host:
-                    coupled = True
-            if dg.is_in_channel_pruning_fn(dep.handler):
-                consumers = True
-        return coupled or not consumers
+    def _removable(work: nn.Module, inputs, layers: dict[int, _Gated],
+                   consumers: dict[int, dict[nn.Module, list[int]] | None]) -> set[int]:
+        """The gates whose dead units :func:`torchdam.compact` removes from every coupled
+        layer, by its own rule (:func:`~torchdam.compact._bias_deltas`): each consumer must
+        take in its bias the constant a dead unit becomes on the way (a BatchNorm or a
+        depthwise conv's bias after the gate); the others are scattered back. Probed with
+        every gate's units dead and the per-channel layers' parameters and statistics moved
+        off their initial values (a fresh BatchNorm maps 0 to 0, a trained one does not),
+        so the answer is the trained model's; the input is the sample twice, as compact
+        needs more than one value per unit to see that it is constant. Changes ``work``'s
+        values (its shapes are what the width model reads afterwards)."""
+        wanted = {i: c for i, c in consumers.items() if c is not None}
+        if not wanted:
+            return set()
+        with torch.no_grad():
+            for module in work.modules():
+                if _channelwise(module):
+                    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                        if t.is_floating_point():
+                            t.add_(0.25)
 
-    @staticmethod
-    def _stream_members(dg, group, n: int, by_module: dict, producers: dict) -> set[int] | None:
-        members: set[int] = set()
-        consumers = False
-        for dep, idxs in group:
-            kind = dep.target.type
-            if kind in _STREAM_OPS:
-                continue
-            if kind not in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN):
-                return None
-            out = dg.is_out_channel_pruning_fn(dep.handler)
-            if kind != tp.ops.OPTYPE.BN and not out:
-                consumers = True
-                continue
-            j = by_module.get(id(dep.target.module))
-            if j is None or producers[j][2] != n or sorted(idxs) != list(range(n)):
-                return None
-            members.add(j)
-        return members if consumers else None
+        def dead(module: nn.Module, args: tuple, out):
+            return torch.zeros_like(out) if isinstance(out, Tensor) else out
+
+        hooks = [layer.host.register_forward_hook(dead) for layer in layers.values()]
+        try:
+            values = _input_values(work, _twice(inputs), [m for c in wanted.values() for m in c])
+        finally:
+            for h in hooks:
+                h.remove()
+        return {i for i, c in wanted.items() if _bias_deltas(c, values) is not None}
 
     # -- compiling to tensors
 
@@ -468,6 +471,16 @@ def _one_sample(example_inputs):
     if isinstance(example_inputs, Mapping):
         return {k: first(v) for k, v in example_inputs.items()}
     return tuple(first(t) for t in as_tuple(example_inputs))
+
+
+def _twice(inputs):
+    """One-sample ``inputs`` (as :func:`_one_sample` gives them) as a batch of that sample twice."""
+    def double(t):
+        return torch.cat([t, t]) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    if isinstance(inputs, Mapping):
+        return {k: double(v) for k, v in inputs.items()}
+    return tuple(double(t) for t in inputs)
 
 
 def live_counts(model: nn.Module) -> Tensor:

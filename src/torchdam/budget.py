@@ -218,9 +218,11 @@ class WidthModel:
     def _trace(self, work: nn.Module, dg: tp.DependencyGraph | None, info,
                heads: dict[int, tuple[nn.Module, attention.Heads]], inputs) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
-        customized = tuple(attention.customized_pruners())
+        customized = (*attention.customized_pruners(), nn.GroupNorm)
         sides: dict[tuple[int, str], _Side] = {}
         seen: set[tuple] = set()
+        #: (consumer, gates): a bias compact adds to the consumer while one of the gates has a dead unit
+        self._new_biases: list[tuple[nn.Module, frozenset[int]]] = []
 
         def add(module, side: str, idxs, gates: tuple[int, ...], n: int, total: int | None = None) -> None:
             key = (id(module), side)
@@ -237,7 +239,11 @@ class WidthModel:
 
         def traced(dep) -> bool:
             module = dep.target.module
-            return id(module) in modules and (dep.target.type in _MODULE_TYPES or isinstance(module, customized))
+            if id(module) not in modules:
+                return False
+            if isinstance(module, nn.PReLU):  # one weight for all channels: nothing to shrink
+                return module.num_parameters > 1
+            return dep.target.type in _MODULE_TYPES or isinstance(module, customized)
 
         # a head gate: its units' channels of the projections attention.py cuts, and the
         # module's own work and parameters (scores, a packed in-projection), per unit
@@ -273,6 +279,13 @@ class WidthModel:
             consumers[i] = _consumers(dg, groups[i], layers[i], frozen, partners.get(id(producer), frozenset()))
         removable = self._removable(work, inputs, layers, consumers)
         stream = {i for i in producers if i not in removable}
+        # compact gives a consumer without a bias one when a dead unit reaches it as a constant
+        biases: dict[int, tuple[nn.Module, set[int]]] = {}
+        for i, deltas in removable.items():
+            for module, delta in deltas.items():
+                if delta.dim() > 0 and getattr(module, "bias", None) is None:
+                    biases.setdefault(id(module), (module, set()))[1].add(i)
+        self._new_biases = [(module, frozenset(gates)) for module, gates in biases.values()]
         by_module: dict[int, _Gated] = {}
         for i in stream:
             by_module[id(layers[i].producer)] = by_module[id(layers[i].host)] = layers[i]
@@ -309,7 +322,7 @@ class WidthModel:
 
     @staticmethod
     def _removable(work: nn.Module, inputs, layers: dict[int, _Gated],
-                   consumers: dict[int, dict[nn.Module, list[int]] | None]) -> set[int]:
+                   consumers: dict[int, dict[nn.Module, list[int]] | None]) -> dict[int, dict[nn.Module, Tensor]]:
         """The gates whose dead units :func:`torchdam.compact` removes from every coupled
         layer, by its own rule (:func:`~torchdam.compact._bias_deltas`): each consumer must
         take in its bias the constant a dead unit becomes on the way (a BatchNorm or a
@@ -318,10 +331,12 @@ class WidthModel:
         off their initial values (a fresh BatchNorm maps 0 to 0, a trained one does not),
         so the answer is the trained model's; the input is the sample twice, as compact
         needs more than one value per unit to see that it is constant. Changes ``work``'s
-        values (its shapes are what the width model reads afterwards)."""
+        values (its shapes are what the width model reads afterwards).
+
+        Returns ``{gate index: {consumer: the bias it gains}}`` (a 0-d zero: none)."""
         wanted = {i: c for i, c in consumers.items() if c is not None}
         if not wanted:
-            return set()
+            return {}
         with torch.no_grad():
             for module in work.modules():
                 if _channelwise(module):
@@ -338,7 +353,8 @@ class WidthModel:
         finally:
             for h in hooks:
                 h.remove()
-        return {i for i, c in wanted.items() if _bias_deltas(c, values) is not None}
+        deltas = {i: _bias_deltas(c, values) for i, c in wanted.items()}
+        return {i: d for i, d in deltas.items() if d is not None}
 
     # -- compiling to tensors
 
@@ -364,8 +380,9 @@ class WidthModel:
         self._seg_mult = torch.tensor(seg_mult, dtype=torch.float64)
         self._seg_side = torch.tensor(seg_side, dtype=torch.long)
         self._side_n = torch.tensor(side_n, dtype=torch.float64)
-        # terms: cost * product of factors; each term has an out side and an in side (-1: none)
-        rows = {"flops": [], "params": []}
+        # terms: cost * product of factors; each term has an out side and an in side (-1: none),
+        # and a flag (-1: none): 1 while one of a set of gates has a dead unit, else 0
+        rows: dict[str, list[tuple[int, int, int, int]]] = {"flops": [], "params": []}
         rest = dict(self.dense)
         counted: set[int] = set()  # a tied parameter is counted once, as torchdam.count does
         for module in work.modules():
@@ -373,11 +390,11 @@ class WidthModel:
                 continue
             out_i = side_index.get((id(module), "out"), -1)
             in_i = side_index.get((id(module), "in"), -1)
-            if _is_depthwise(module):
-                in_i = -1  # a depthwise conv's work follows its (coupled) channels once
+            if _channelwise(module):
+                in_i = -1  # a depthwise conv's or a norm's work follows its (coupled) channels once
             flops = calls.get(id(module), 0)
             if flops:
-                rows["flops"].append((flops, out_i, in_i))
+                rows["flops"].append((flops, out_i, in_i, -1))
                 rest["flops"] -= flops
             for p in module.parameters(recurse=False):
                 if id(p) in counted:
@@ -385,28 +402,35 @@ class WidthModel:
                 counted.add(id(p))
                 o = out_i if out_i >= 0 and p.dim() >= 1 and p.shape[_axis(module, p, "out")] == side_n[out_i] else -1
                 i = in_i if in_i >= 0 and p.dim() >= 2 and p.shape[_axis(module, p, "in")] == side_n[in_i] else -1
-                rows["params"].append((p.numel(), o, i))
+                rows["params"].append((p.numel(), o, i, -1))
                 rest["params"] -= p.numel()
+        flags = torch.zeros(len(self._new_biases), len(self.names), dtype=torch.bool)
+        for f, (module, gates) in enumerate(self._new_biases):
+            flags[f, list(gates)] = True
+            out_i = side_index.get((id(module), "out"), -1)
+            rows["params"].append((int(module.weight.shape[_axis(module, module.weight, "out")]), out_i, -1, f))
+        self._flags = flags
         for module, layout in (h for _, h in sorted(heads.items())):
             # what the attention module computes itself (scores, an nn.MultiheadAttention's
             # projections applied by weight) and holds itself: per unit
             units = side_index[(id(module), _UNITS)]
             inside = {id(m) for m in module.modules() if m is not module}
             own = calls.get(id(module), 0) - sum(calls.get(i, 0) for i in inside)
-            rows["flops"].append((own, units, -1))
+            rows["flops"].append((own, units, -1, -1))
             rest["flops"] -= own
             for p in layout.per_unit_parameters(module):
                 if id(p) not in counted:
                     counted.add(id(p))
-                    rows["params"].append((p.numel(), units, -1))
+                    rows["params"].append((p.numel(), units, -1, -1))
                     rest["params"] -= p.numel()
         self._rest = rest
         self._terms = {}
         for metric, r in rows.items():
-            cost = torch.tensor([c for c, _, _ in r], dtype=torch.float64)
-            out_i = torch.tensor([o for _, o, _ in r], dtype=torch.long)
-            in_i = torch.tensor([i for _, _, i in r], dtype=torch.long)
-            self._terms[metric] = (cost, out_i, in_i)
+            cost = torch.tensor([c for c, _, _, _ in r], dtype=torch.float64)
+            out_i = torch.tensor([o for _, o, _, _ in r], dtype=torch.long)
+            in_i = torch.tensor([i for _, _, i, _ in r], dtype=torch.long)
+            flag_i = torch.tensor([f for _, _, _, f in r], dtype=torch.long)
+            self._terms[metric] = (cost, out_i, in_i, flag_i)
 
     # -- evaluating
 
@@ -427,8 +451,13 @@ class WidthModel:
             raise ConfigError(f"unknown budget metric {metric!r}; choose one of: {', '.join(METRICS)}")
         ratio = self.side_widths(live) / self._side_n
         ratio = torch.cat([ratio, ratio.new_ones(*ratio.shape[:-1], 1)], -1)  # index -1: no gate on that side
-        cost, out_i, in_i = self._terms[metric]
-        return self._rest[metric] + (cost * ratio[..., out_i] * ratio[..., in_i]).sum(-1)
+        cost, out_i, in_i, flag_i = self._terms[metric]
+        live = live.to(torch.float64)
+        # a unit of any of the flag's gates dead: 1 (0 with every unit live, linear in between)
+        dead = torch.where(self._flags, (self.n - live).clamp(0.0, 1.0).unsqueeze(-2), 0.0)
+        flag = dead.amax(-1) if self._flags.shape[0] else dead.sum(-1)
+        flag = torch.cat([flag, flag.new_ones(*flag.shape[:-1], 1)], -1)
+        return self._rest[metric] + (cost * ratio[..., out_i] * ratio[..., in_i] * flag[..., flag_i]).sum(-1)
 
     def relative(self, live: Tensor, metric: str = "flops") -> Tensor:
         return self.cost(live, metric) / self.dense[metric]
@@ -447,11 +476,6 @@ class WidthModel:
 def _is_leaf(module: nn.Module) -> bool:
     """No child module but a DAM gate (a gated layer is a leaf layer)."""
     return all(isinstance(c, DAMGate) for c in module.children())
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    groups = getattr(module, "groups", 1)
-    return groups > 1 and groups == getattr(module, "in_channels", -1)
 
 
 def _axis(module: nn.Module, p: Tensor, side: str) -> int:

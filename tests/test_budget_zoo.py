@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from test_zoo_cnn import FAMILIES, TiedLM, assert_same_outputs, images, tokens, train_steps
+from test_zoo_cnn import FAMILIES, ChannelMeanNorm, TiedLM, assert_same_outputs, images, tokens, train_steps
 from tiny_task import one_thread  # noqa: F401  (autouse fixture)
 
 import torchdam as dam
@@ -108,6 +108,32 @@ def test_a_constant_a_trained_norm_makes_of_dead_units_is_priced_as_compact_does
         costs[trained] = (float(wm.cost(torch.tensor([4.0, 2.0]))), dam.count(small, x[:1])["flops"])
     assert costs[True][0] == costs[True][1]
     assert costs[False][0] > costs[False][1]
+
+
+def test_units_compact_scatters_back_after_its_output_check_are_priced_scattered_back():
+    """A mean over channels after a gated layer looks per-channel to Torch-Pruning; compact
+    finds the layer by comparing outputs and scatters its units back, without narrowing any
+    stream. The width model compacts once at half width when built, sees it, and prices it so
+    (exact when compact's check finds the layer; where the outputs happen to agree and compact
+    keeps the removal, the width model over-predicts, never under)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), ChannelMeanNorm(),
+                          nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 16, 2))
+    dam.attach(model)
+    x = torch.randn(2, 3, 6, 6)
+    wm = WidthModel(model, x)
+    found = 0
+    widths = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        live = _random_live(model, widths)
+        _set_live(model, live)
+        small = dam.compact(model, x)
+        real = dam.count(small, x[:1])
+        for metric in ("flops", "params"):
+            said = float(wm.cost(torch.tensor(live, dtype=torch.float64), metric))
+            assert said == real[metric] if isinstance(small[2], ScatterUnits) else said >= real[metric]
+        found += isinstance(small[2], ScatterUnits)
+    assert found >= 2
 
 
 # ------------------------------------------------------------------ a budget reached

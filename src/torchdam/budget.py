@@ -21,14 +21,24 @@ Three parts:
 1. **A width model measured from the model** (:class:`WidthModel`). Torch-Pruning's
    dependency graph is traced once to find which modules' output and input channels each
    gate controls (a BatchNorm after the gate, every consumer, a Flatten's index map, a
-   concat's offsets, a residual stream's writers), following what :func:`torchdam.compact`
-   will do (a gate whose units join a residual stream shrinks only its own layer; a stream
-   whose every writer is gated narrows to its widest writer). Each module's FLOPs are
+   concat's offsets, a residual stream's writers, the depthwise convs and norms between),
+   and :func:`torchdam.compact`'s own rules decide what it will do with them (one source
+   of truth: its ``_consumers``, ``_frozen``, ``_bias_deltas`` and ``_stream_members``): a
+   gate whose units join a residual stream or reach a layer that keeps its width (tied
+   weights, a grouped conv), or reach a consumer as a constant it cannot take in its bias,
+   shrinks only its own layer; a stream whose every writer is gated narrows to its widest
+   writer; a bias-free consumer that takes such a constant gains a bias. The model is
+   priced as trained (a fresh BatchNorm maps a dead unit to zero, a trained one to a
+   constant); once built, it compacts a copy at half width and adopts compact's fallbacks
+   if that differs (layers scattered back after its output check, streams left whole),
+   refusing the model in one line if the compacted copy is still larger than priced. Each module's FLOPs are
    measured once at full width with ``torchdam.count``'s counter (and its parameters counted), and
    ``cost(widths) = rest + sum_m cost_m * (out_m(widths) / n_out_m) * (in_m(widths) / n_in_m)``;
    a side no gate controls keeps factor 1. Its gradient with respect to a gate's live count
    is the marginal cost of that gate's units, recomputed as widths change. It is checked
-   against ``count(compact(model))`` in ``tests/test_budget.py`` (exact on the zoo models).
+   against ``count(compact(model))`` in ``tests/test_budget.py`` and, on models written
+   elsewhere (MobileNetV2, DenseNet, U-Net, ConvNeXt, tied LMs, ...), in
+   ``tests/test_budget_zoo.py`` (exact on both).
 
    Transformers: a head gate's units are priced from :mod:`torchdam.attention`'s own
    description of what removing a head takes (:meth:`~torchdam.attention.Heads.cuts`: the
@@ -73,9 +83,9 @@ from torch import Tensor, nn
 
 from torchdam import attention
 from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
-from torchdam.compact import (_bias_deltas, _build_graph, _channelwise, _consumers, _frozen, _Gated, _input_values,
-                               _stream_members, _tied, as_tuple, run_eval, unwrap)
-from torchdam.count import FlopCounter
+from torchdam.compact import (ScatterUnits, _bias_deltas, _build_graph, _channelwise, _consumers, _frozen, _Gated,
+                               _input_values, _stream_members, _tied, as_tuple, compact, run_eval, unwrap)
+from torchdam.count import FlopCounter, count
 from torchdam.errors import AttachError, ConfigError, TorchDAMError
 from torchdam.gates import DAMGate
 
@@ -129,7 +139,8 @@ class WidthModel:
 
     What it cannot price is refused here, in one line naming the layer
     (:class:`AttachError`): a gated layer the inputs do not reach or Torch-Pruning cannot
-    trace, attention heads :func:`torchdam.compact` could not remove.
+    trace, attention heads :func:`torchdam.compact` could not remove, a model that
+    compacted at half width is larger than priced (a budget would land above its target).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
@@ -159,10 +170,19 @@ class WidthModel:
         for p in work.parameters():
             p.requires_grad_(True)
         dg = self._graph(work, inputs) if len(heads) < len(info) else None
-        sides = self._trace(work, dg, info, heads, inputs)
-        self._compile(work, sides, calls, heads)
         #: indices (in :attr:`names`) of the gates whose units are attention heads
         self.head_gates = frozenset(heads)
+        sides = self._trace(work, dg, info, heads, inputs)
+        self._compile(work, sides, calls, heads)
+        rescued, larger = self._verify(source, example_inputs)
+        if larger is not None:
+            # compact's fallbacks after a failed output check: the layers at fault scattered
+            # back, and no residual stream narrowed
+            sides = self._trace(work, dg, info, heads, inputs, rescued, narrow=False)
+            self._compile(work, sides, calls, heads)
+            _, larger = self._verify(source, example_inputs)
+            if larger is not None:
+                raise AttachError(larger)
 
     # -- measuring
 
@@ -216,13 +236,16 @@ class WidthModel:
         return heads
 
     def _trace(self, work: nn.Module, dg: tp.DependencyGraph | None, info,
-               heads: dict[int, tuple[nn.Module, attention.Heads]], inputs) -> dict[tuple[int, str], _Side]:
+               heads: dict[int, tuple[nn.Module, attention.Heads]], inputs,
+               scattered: frozenset[int] = frozenset(), narrow: bool = True) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
         customized = (*attention.customized_pruners(), nn.GroupNorm)
         sides: dict[tuple[int, str], _Side] = {}
         seen: set[tuple] = set()
         #: (consumer, gates): a bias compact adds to the consumer while one of the gates has a dead unit
         self._new_biases: list[tuple[nn.Module, frozenset[int]]] = []
+        #: the gates (not over heads) whose dead units compact scatters back to full width
+        self._scattered: frozenset[int] = frozenset()
 
         def add(module, side: str, idxs, gates: tuple[int, ...], n: int, total: int | None = None) -> None:
             key = (id(module), side)
@@ -278,7 +301,9 @@ class WidthModel:
             layers[i] = _Gated(name, producer, info[i][1], host, -1, n, [], list(range(n)))
             consumers[i] = _consumers(dg, groups[i], layers[i], frozen, partners.get(id(producer), frozenset()))
         removable = self._removable(work, inputs, layers, consumers)
+        removable = {i: d for i, d in removable.items() if i not in scattered}
         stream = {i for i in producers if i not in removable}
+        self._scattered = frozenset(stream)
         # compact gives a consumer without a bias one when a dead unit reaches it as a constant
         biases: dict[int, tuple[nn.Module, set[int]]] = {}
         for i, deltas in removable.items():
@@ -302,7 +327,7 @@ class WidthModel:
             if host is not producer:
                 add(host, "out", range(n), (i,), n)
             # ... and the stream narrows to its widest writer when every writer is gated
-            found = _stream_members(dg, layers[i], by_module, frozen)
+            found = _stream_members(dg, layers[i], by_module, frozen) if narrow else None
             if found is None:
                 continue
             members = {index[id(m)] for m in found}
@@ -315,6 +340,39 @@ class WidthModel:
                         continue
                     add(module, side, idxs, tuple(sorted(members)), n)
         return sides
+
+    def _verify(self, source: nn.Module, example_inputs) -> tuple[frozenset[int], str | None]:
+        """Compacts a copy of ``source`` with every gate at half its units and compares with
+        :meth:`cost`. Returns the gates priced as removed that compact scattered back (it does
+        when the compacted outputs differ, e.g. an op Torch-Pruning takes for per-channel
+        mixes channels), and why the compacted model is larger than priced (None if it is
+        not). Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a
+        trained one need not (see :meth:`_removable`)."""
+        half = copy.deepcopy(source)
+        gates = list(named_gates(half))
+        live = [max(1, g.n // 2) for _, g in gates]
+        with torch.no_grad():
+            for (_, g), units in zip(gates, live):
+                g.beta.fill_(_beta_for(g, units))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                small = compact(half, example_inputs)
+        except TorchDAMError as exc:
+            raise AttachError(f"a budget cannot price {type(source).__name__}: compact fails on it with half of "
+                              f"every gated layer's units ({str(exc).splitlines()[0]})") from exc
+        rescued = frozenset(i for i, (_, g) in enumerate(gates)
+                            if i not in self.head_gates and i not in self._scattered
+                            and isinstance(small.get_submodule(g.host_name), ScatterUnits))
+        real = count(small, _one_sample(example_inputs))
+        for metric in METRICS:
+            said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))
+            if real[metric] > said * (1 + 1e-9) + 1e-6:
+                where = ", ".join(repr(gates[i][0]) for i in sorted(rescued)) or type(source).__name__
+                return rescued, (f"a budget cannot price {where}: compacted with half of every gated layer's "
+                                 f"units it has {real[metric]} {metric}, more than the width model's {said:.0f} "
+                                 "(a budget would land above its target)")
+        return rescued, None
 
     @staticmethod
     def _side(dg: tp.DependencyGraph, dep) -> str:

@@ -18,9 +18,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from test_zoo_cnn import FAMILIES, ChannelMeanNorm, TiedLM, assert_same_outputs, images, tokens, train_steps
+from test_zoo_cnn import (
+    FAMILIES,
+    ChannelMeanNorm,
+    TiedLM,
+    assert_same_outputs,
+    images,
+    tokens,
+    train_steps,
+)
 from tiny_task import one_thread  # noqa: F401  (autouse fixture)
+from torch import nn
 
 import torchdam as dam
 from torchdam.budget import TOLERANCE, Budget, WidthModel, _beta_for, live_counts

@@ -83,9 +83,24 @@ from torch import Tensor, nn
 
 from torchdam import attention
 from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
-from torchdam.compact import (ScatterUnits, _bias_deltas, _build_graph, _channelwise, _consumers, _frozen, _Gated,
-                               _input_values, _stream_members, _tied, as_tuple, compact, run_eval, unwrap)
-from torchdam.count import FlopCounter, count
+from torchdam.compact import (
+    ScatterUnits,
+    _bias_deltas,
+    _build_graph,
+    _channelwise,
+    _consumers,
+    _frozen,
+    _Gated,
+    _input_values,
+    _stream_members,
+    _tied,
+    as_tuple,
+    compact,
+    run_eval,
+    unwrap,
+)
+from torchdam.count import FlopCounter
+from torchdam.count import count as measure
 from torchdam.errors import AttachError, ConfigError, TorchDAMError
 from torchdam.gates import DAMGate
 
@@ -364,7 +379,7 @@ class WidthModel:
         rescued = frozenset(i for i, (_, g) in enumerate(gates)
                             if i not in self.head_gates and i not in self._scattered
                             and isinstance(small.get_submodule(g.host_name), ScatterUnits))
-        real = count(small, _one_sample(example_inputs))
+        real = measure(small, _one_sample(example_inputs))
         for metric in METRICS:
             said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))
             if real[metric] > said * (1 + 1e-9) + 1e-6:

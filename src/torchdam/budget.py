@@ -21,14 +21,24 @@ Three parts:
 1. **A width model measured from the model** (:class:`WidthModel`). Torch-Pruning's
    dependency graph is traced once to find which modules' output and input channels each
    gate controls (a BatchNorm after the gate, every consumer, a Flatten's index map, a
-   concat's offsets, a residual stream's writers), following what :func:`torchdam.compact`
-   will do (a gate whose units join a residual stream shrinks only its own layer; a stream
-   whose every writer is gated narrows to its widest writer). Each module's FLOPs are
+   concat's offsets, a residual stream's writers, the depthwise convs and norms between),
+   and :func:`torchdam.compact`'s own rules decide what it will do with them (one source
+   of truth: its ``_consumers``, ``_frozen``, ``_bias_deltas`` and ``_stream_members``): a
+   gate whose units join a residual stream or reach a layer that keeps its width (tied
+   weights, a grouped conv), or reach a consumer as a constant it cannot take in its bias,
+   shrinks only its own layer; a stream whose every writer is gated narrows to its widest
+   writer; a bias-free consumer that takes such a constant gains a bias. The model is
+   priced as trained (a fresh BatchNorm maps a dead unit to zero, a trained one to a
+   constant); once built, it compacts a copy at half width and adopts compact's fallbacks
+   if that differs (layers scattered back after its output check, streams left whole),
+   refusing the model in one line if the compacted copy is still larger than priced. Each module's FLOPs are
    measured once at full width with ``torchdam.count``'s counter (and its parameters counted), and
    ``cost(widths) = rest + sum_m cost_m * (out_m(widths) / n_out_m) * (in_m(widths) / n_in_m)``;
    a side no gate controls keeps factor 1. Its gradient with respect to a gate's live count
    is the marginal cost of that gate's units, recomputed as widths change. It is checked
-   against ``count(compact(model))`` in ``tests/test_budget.py`` (exact on the zoo models).
+   against ``count(compact(model))`` in ``tests/test_budget.py`` and, on models written
+   elsewhere (MobileNetV2, DenseNet, U-Net, ConvNeXt, tied LMs, ...), in
+   ``tests/test_budget_zoo.py`` (exact on both).
 
    Transformers: a head gate's units are priced from :mod:`torchdam.attention`'s own
    description of what removing a head takes (:meth:`~torchdam.attention.Heads.cuts`: the
@@ -73,8 +83,24 @@ from torch import Tensor, nn
 
 from torchdam import attention
 from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
-from torchdam.compact import _build_graph, as_tuple, run_eval, unwrap
+from torchdam.compact import (
+    ScatterUnits,
+    _bias_deltas,
+    _build_graph,
+    _channelwise,
+    _consumers,
+    _frozen,
+    _Gated,
+    _input_values,
+    _stream_members,
+    _tied,
+    as_tuple,
+    compact,
+    run_eval,
+    unwrap,
+)
 from torchdam.count import FlopCounter
+from torchdam.count import count as measure
 from torchdam.errors import AttachError, ConfigError, TorchDAMError
 from torchdam.gates import DAMGate
 
@@ -128,7 +154,8 @@ class WidthModel:
 
     What it cannot price is refused here, in one line naming the layer
     (:class:`AttachError`): a gated layer the inputs do not reach or Torch-Pruning cannot
-    trace, attention heads :func:`torchdam.compact` could not remove.
+    trace, attention heads :func:`torchdam.compact` could not remove, a model that
+    compacted at half width is larger than priced (a budget would land above its target).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
@@ -152,15 +179,25 @@ class WidthModel:
         inputs = _one_sample(example_inputs)
         # measured gated: fused kernels that would skip a gate are off, as in the compacted copy
         flops, calls = self._measure(work, inputs, [m for m, _ in heads.values()])
+        attention.keep_nested_tensors_off(work)  # as in compact's copy: encoders run as when gated
         detach(work)
         self.dense = {"flops": flops, "params": sum(p.numel() for p in work.parameters())}
         for p in work.parameters():
             p.requires_grad_(True)
         dg = self._graph(work, inputs) if len(heads) < len(info) else None
-        sides = self._trace(work, dg, info, heads)
-        self._compile(work, sides, calls, heads)
         #: indices (in :attr:`names`) of the gates whose units are attention heads
         self.head_gates = frozenset(heads)
+        sides = self._trace(work, dg, info, heads, inputs)
+        self._compile(work, sides, calls, heads)
+        rescued, larger = self._verify(source, example_inputs)
+        if larger is not None:
+            # compact's fallbacks after a failed output check: the layers at fault scattered
+            # back, and no residual stream narrowed
+            sides = self._trace(work, dg, info, heads, inputs, rescued, narrow=False)
+            self._compile(work, sides, calls, heads)
+            _, larger = self._verify(source, example_inputs)
+            if larger is not None:
+                raise AttachError(larger)
 
     # -- measuring
 
@@ -214,11 +251,16 @@ class WidthModel:
         return heads
 
     def _trace(self, work: nn.Module, dg: tp.DependencyGraph | None, info,
-               heads: dict[int, tuple[nn.Module, attention.Heads]]) -> dict[tuple[int, str], _Side]:
+               heads: dict[int, tuple[nn.Module, attention.Heads]], inputs,
+               scattered: frozenset[int] = frozenset(), narrow: bool = True) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
-        customized = tuple(attention.customized_pruners())
+        customized = (*attention.customized_pruners(), nn.GroupNorm)
         sides: dict[tuple[int, str], _Side] = {}
         seen: set[tuple] = set()
+        #: (consumer, gates): a bias compact adds to the consumer while one of the gates has a dead unit
+        self._new_biases: list[tuple[nn.Module, frozenset[int]]] = []
+        #: the gates (not over heads) whose dead units compact scatters back to full width
+        self._scattered: frozenset[int] = frozenset()
 
         def add(module, side: str, idxs, gates: tuple[int, ...], n: int, total: int | None = None) -> None:
             key = (id(module), side)
@@ -235,7 +277,11 @@ class WidthModel:
 
         def traced(dep) -> bool:
             module = dep.target.module
-            return id(module) in modules and (dep.target.type in _MODULE_TYPES or isinstance(module, customized))
+            if id(module) not in modules:
+                return False
+            if isinstance(module, nn.PReLU):  # one weight for all channels: nothing to shrink
+                return module.num_parameters > 1
+            return dep.target.type in _MODULE_TYPES or isinstance(module, customized)
 
         # a head gate: its units' channels of the projections attention.py cuts, and the
         # module's own work and parameters (scores, a packed in-projection), per unit
@@ -251,7 +297,8 @@ class WidthModel:
         if not producers:
             return sides
         partners = attention.shared_units(work)
-        groups = {}
+        frozen = _frozen(work, _tied(work))
+        groups, layers, consumers = {}, {}, {}
         for i, (producer, host, n) in producers.items():
             name = info[i][0]
             pruner = dg.get_pruner_of_module(producer)
@@ -265,12 +312,24 @@ class WidthModel:
             except Exception as exc:
                 raise AttachError(f"a budget cannot trace gated layer {name!r}: Torch-Pruning could not find "
                                   f"the layers coupled with it ({type(exc).__name__})") from exc
-        stream = {i for i in producers
-                  if self._needs_scatter(dg, groups[i], *producers[i], partners.get(id(producers[i][0]), frozenset()))}
-        by_module = {}
+            # as compact sees a layer whose every unit is dead: which units go is DAM's order
+            layers[i] = _Gated(name, producer, info[i][1], host, -1, n, [], list(range(n)))
+            consumers[i] = _consumers(dg, groups[i], layers[i], frozen, partners.get(id(producer), frozenset()))
+        removable = self._removable(work, inputs, layers, consumers)
+        removable = {i: d for i, d in removable.items() if i not in scattered}
+        stream = {i for i in producers if i not in removable}
+        self._scattered = frozenset(stream)
+        # compact gives a consumer without a bias one when a dead unit reaches it as a constant
+        biases: dict[int, tuple[nn.Module, set[int]]] = {}
+        for i, deltas in removable.items():
+            for module, delta in deltas.items():
+                if delta.dim() > 0 and getattr(module, "bias", None) is None:
+                    biases.setdefault(id(module), (module, set()))[1].add(i)
+        self._new_biases = [(module, frozenset(gates)) for module, gates in biases.values()]
+        by_module: dict[int, _Gated] = {}
         for i in stream:
-            by_module[id(producers[i][0])] = i
-            by_module[id(producers[i][1])] = i
+            by_module[id(layers[i].producer)] = by_module[id(layers[i].host)] = layers[i]
+        index = {id(layer): i for i, layer in layers.items()}
         for i, (producer, host, n) in producers.items():
             group = groups[i]
             if i not in stream:
@@ -283,9 +342,10 @@ class WidthModel:
             if host is not producer:
                 add(host, "out", range(n), (i,), n)
             # ... and the stream narrows to its widest writer when every writer is gated
-            members = self._stream_members(dg, group, n, by_module, producers)
-            if members is None:
+            found = _stream_members(dg, layers[i], by_module, frozen) if narrow else None
+            if found is None:
                 continue
+            members = {index[id(m)] for m in found}
             own = {id(producers[j][k]) for j in members for k in (0, 1)}
             for dep, idxs in group:
                 module = dep.target.module
@@ -296,46 +356,78 @@ class WidthModel:
                     add(module, side, idxs, tuple(sorted(members)), n)
         return sides
 
+    def _verify(self, source: nn.Module, example_inputs) -> tuple[frozenset[int], str | None]:
+        """Compacts a copy of ``source`` with every gate at half its units and compares with
+        :meth:`cost`. Returns the gates priced as removed that compact scattered back (it does
+        when the compacted outputs differ, e.g. an op Torch-Pruning takes for per-channel
+        mixes channels), and why the compacted model is larger than priced (None if it is
+        not). Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a
+        trained one need not (see :meth:`_removable`)."""
+        half = copy.deepcopy(source)
+        gates = list(named_gates(half))
+        live = [max(1, g.n // 2) for _, g in gates]
+        with torch.no_grad():
+            for (_, g), units in zip(gates, live):
+                g.beta.fill_(_beta_for(g, units))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                small = compact(half, example_inputs)
+        except TorchDAMError as exc:
+            raise AttachError(f"a budget cannot price {type(source).__name__}: compact fails on it with half of "
+                              f"every gated layer's units ({str(exc).splitlines()[0]})") from exc
+        rescued = frozenset(i for i, (_, g) in enumerate(gates)
+                            if i not in self.head_gates and i not in self._scattered
+                            and isinstance(small.get_submodule(g.host_name), ScatterUnits))
+        real = measure(small, _one_sample(example_inputs))
+        for metric in METRICS:
+            said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))
+            if real[metric] > said * (1 + 1e-9) + 1e-6:
+                where = ", ".join(repr(gates[i][0]) for i in sorted(rescued)) or type(source).__name__
+                return rescued, (f"a budget cannot price {where}: compacted with half of every gated layer's "
+                                 f"units it has {real[metric]} {metric}, more than the width model's {said:.0f} "
+                                 "(a budget would land above its target)")
+        return rescued, None
+
     @staticmethod
     def _side(dg: tp.DependencyGraph, dep) -> str:
         return "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
 
     @staticmethod
-    def _needs_scatter(dg: tp.DependencyGraph, group, producer: nn.Module, host: nn.Module, n: int,
-                       partners: frozenset[int] = frozenset()) -> bool:
-        """Mirrors compact: coupled with another writer (not a layer whose outputs multiply
-        the producer's, ``partners``: Llama's ``gate_proj``), or a foreign norm, or no consumer."""
-        coupled = consumers = False
-        for dep, _ in group:
-            module = dep.target.module
-            if dg.is_out_channel_pruning_fn(dep.handler) and module is not producer and id(module) not in partners:
-                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *LINEAR_LIKE)):
-                    coupled = True
-                elif isinstance(module, nn.modules.batchnorm._NormBase) and module is not host:
-                    coupled = True
-            if dg.is_in_channel_pruning_fn(dep.handler):
-                consumers = True
-        return coupled or not consumers
+    def _removable(work: nn.Module, inputs, layers: dict[int, _Gated],
+                   consumers: dict[int, dict[nn.Module, list[int]] | None]) -> dict[int, dict[nn.Module, Tensor]]:
+        """The gates whose dead units :func:`torchdam.compact` removes from every coupled
+        layer, by its own rule (:func:`~torchdam.compact._bias_deltas`): each consumer must
+        take in its bias the constant a dead unit becomes on the way (a BatchNorm or a
+        depthwise conv's bias after the gate); the others are scattered back. Probed with
+        every gate's units dead and the per-channel layers' parameters and statistics moved
+        off their initial values (a fresh BatchNorm maps 0 to 0, a trained one does not),
+        so the answer is the trained model's; the input is the sample twice, as compact
+        needs more than one value per unit to see that it is constant. Changes ``work``'s
+        values (its shapes are what the width model reads afterwards).
 
-    @staticmethod
-    def _stream_members(dg, group, n: int, by_module: dict, producers: dict) -> set[int] | None:
-        members: set[int] = set()
-        consumers = False
-        for dep, idxs in group:
-            kind = dep.target.type
-            if kind in _STREAM_OPS:
-                continue
-            if kind not in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN):
-                return None
-            out = dg.is_out_channel_pruning_fn(dep.handler)
-            if kind != tp.ops.OPTYPE.BN and not out:
-                consumers = True
-                continue
-            j = by_module.get(id(dep.target.module))
-            if j is None or producers[j][2] != n or sorted(idxs) != list(range(n)):
-                return None
-            members.add(j)
-        return members if consumers else None
+        Returns ``{gate index: {consumer: the bias it gains}}`` (a 0-d zero: none)."""
+        wanted = {i: c for i, c in consumers.items() if c is not None}
+        if not wanted:
+            return {}
+        with torch.no_grad():
+            for module in work.modules():
+                if _channelwise(module):
+                    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                        if t.is_floating_point():
+                            t.add_(0.25)
+
+        def dead(module: nn.Module, args: tuple, out):
+            return torch.zeros_like(out) if isinstance(out, Tensor) else out
+
+        hooks = [layer.host.register_forward_hook(dead) for layer in layers.values()]
+        try:
+            values = _input_values(work, _twice(inputs), [m for c in wanted.values() for m in c])
+        finally:
+            for h in hooks:
+                h.remove()
+        deltas = {i: _bias_deltas(c, values) for i, c in wanted.items()}
+        return {i: d for i, d in deltas.items() if d is not None}
 
     # -- compiling to tensors
 
@@ -361,8 +453,9 @@ class WidthModel:
         self._seg_mult = torch.tensor(seg_mult, dtype=torch.float64)
         self._seg_side = torch.tensor(seg_side, dtype=torch.long)
         self._side_n = torch.tensor(side_n, dtype=torch.float64)
-        # terms: cost * product of factors; each term has an out side and an in side (-1: none)
-        rows = {"flops": [], "params": []}
+        # terms: cost * product of factors; each term has an out side and an in side (-1: none),
+        # and a flag (-1: none): 1 while one of a set of gates has a dead unit, else 0
+        rows: dict[str, list[tuple[int, int, int, int]]] = {"flops": [], "params": []}
         rest = dict(self.dense)
         counted: set[int] = set()  # a tied parameter is counted once, as torchdam.count does
         for module in work.modules():
@@ -370,11 +463,11 @@ class WidthModel:
                 continue
             out_i = side_index.get((id(module), "out"), -1)
             in_i = side_index.get((id(module), "in"), -1)
-            if _is_depthwise(module):
-                in_i = -1  # a depthwise conv's work follows its (coupled) channels once
+            if _channelwise(module):
+                in_i = -1  # a depthwise conv's or a norm's work follows its (coupled) channels once
             flops = calls.get(id(module), 0)
             if flops:
-                rows["flops"].append((flops, out_i, in_i))
+                rows["flops"].append((flops, out_i, in_i, -1))
                 rest["flops"] -= flops
             for p in module.parameters(recurse=False):
                 if id(p) in counted:
@@ -382,28 +475,35 @@ class WidthModel:
                 counted.add(id(p))
                 o = out_i if out_i >= 0 and p.dim() >= 1 and p.shape[_axis(module, p, "out")] == side_n[out_i] else -1
                 i = in_i if in_i >= 0 and p.dim() >= 2 and p.shape[_axis(module, p, "in")] == side_n[in_i] else -1
-                rows["params"].append((p.numel(), o, i))
+                rows["params"].append((p.numel(), o, i, -1))
                 rest["params"] -= p.numel()
+        flags = torch.zeros(len(self._new_biases), len(self.names), dtype=torch.bool)
+        for f, (module, gates) in enumerate(self._new_biases):
+            flags[f, list(gates)] = True
+            out_i = side_index.get((id(module), "out"), -1)
+            rows["params"].append((int(module.weight.shape[_axis(module, module.weight, "out")]), out_i, -1, f))
+        self._flags = flags
         for module, layout in (h for _, h in sorted(heads.items())):
             # what the attention module computes itself (scores, an nn.MultiheadAttention's
             # projections applied by weight) and holds itself: per unit
             units = side_index[(id(module), _UNITS)]
             inside = {id(m) for m in module.modules() if m is not module}
             own = calls.get(id(module), 0) - sum(calls.get(i, 0) for i in inside)
-            rows["flops"].append((own, units, -1))
+            rows["flops"].append((own, units, -1, -1))
             rest["flops"] -= own
             for p in layout.per_unit_parameters(module):
                 if id(p) not in counted:
                     counted.add(id(p))
-                    rows["params"].append((p.numel(), units, -1))
+                    rows["params"].append((p.numel(), units, -1, -1))
                     rest["params"] -= p.numel()
         self._rest = rest
         self._terms = {}
         for metric, r in rows.items():
-            cost = torch.tensor([c for c, _, _ in r], dtype=torch.float64)
-            out_i = torch.tensor([o for _, o, _ in r], dtype=torch.long)
-            in_i = torch.tensor([i for _, _, i in r], dtype=torch.long)
-            self._terms[metric] = (cost, out_i, in_i)
+            cost = torch.tensor([c for c, _, _, _ in r], dtype=torch.float64)
+            out_i = torch.tensor([o for _, o, _, _ in r], dtype=torch.long)
+            in_i = torch.tensor([i for _, _, i, _ in r], dtype=torch.long)
+            flag_i = torch.tensor([f for _, _, _, f in r], dtype=torch.long)
+            self._terms[metric] = (cost, out_i, in_i, flag_i)
 
     # -- evaluating
 
@@ -424,8 +524,13 @@ class WidthModel:
             raise ConfigError(f"unknown budget metric {metric!r}; choose one of: {', '.join(METRICS)}")
         ratio = self.side_widths(live) / self._side_n
         ratio = torch.cat([ratio, ratio.new_ones(*ratio.shape[:-1], 1)], -1)  # index -1: no gate on that side
-        cost, out_i, in_i = self._terms[metric]
-        return self._rest[metric] + (cost * ratio[..., out_i] * ratio[..., in_i]).sum(-1)
+        cost, out_i, in_i, flag_i = self._terms[metric]
+        live = live.to(torch.float64)
+        # a unit of any of the flag's gates dead: 1 (0 with every unit live, linear in between)
+        dead = torch.where(self._flags, (self.n - live).clamp(0.0, 1.0).unsqueeze(-2), 0.0)
+        flag = dead.amax(-1) if self._flags.shape[0] else dead.sum(-1)
+        flag = torch.cat([flag, flag.new_ones(*flag.shape[:-1], 1)], -1)
+        return self._rest[metric] + (cost * ratio[..., out_i] * ratio[..., in_i] * flag[..., flag_i]).sum(-1)
 
     def relative(self, live: Tensor, metric: str = "flops") -> Tensor:
         return self.cost(live, metric) / self.dense[metric]
@@ -446,11 +551,6 @@ def _is_leaf(module: nn.Module) -> bool:
     return all(isinstance(c, DAMGate) for c in module.children())
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    groups = getattr(module, "groups", 1)
-    return groups > 1 and groups == getattr(module, "in_channels", -1)
-
-
 def _axis(module: nn.Module, p: Tensor, side: str) -> int:
     """The axis of parameter ``p`` of ``module`` that holds the module's ``side`` channels
     (a bias: 0; a transposed conv's or HF ``Conv1D``'s weight: ``(in, out, ...)``)."""
@@ -468,6 +568,16 @@ def _one_sample(example_inputs):
     if isinstance(example_inputs, Mapping):
         return {k: first(v) for k, v in example_inputs.items()}
     return tuple(first(t) for t in as_tuple(example_inputs))
+
+
+def _twice(inputs):
+    """One-sample ``inputs`` (as :func:`_one_sample` gives them) as a batch of that sample twice."""
+    def double(t):
+        return torch.cat([t, t]) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    if isinstance(inputs, Mapping):
+        return {k: double(v) for k, v in inputs.items()}
+    return tuple(double(t) for t in inputs)
 
 
 def live_counts(model: nn.Module) -> Tensor:

@@ -469,13 +469,22 @@ def _bias_delta(module: nn.Module, x: Tensor | None, idxs: list[int]) -> Tensor 
 _INPUT_AXIS: dict[type, int] = {nn.Linear: -1, nn.RNNBase: -1, nn.modules.conv._ConvNd: 1}
 
 
+def _bias_deltas(consumers: dict[nn.Module, list[int]],
+                 inputs: dict[nn.Module, Tensor | None]) -> dict[nn.Module, Tensor] | None:
+    """What each consumer's bias must gain when its input units ``consumers[m]`` are removed
+    (:func:`_bias_delta`), or None when some consumer cannot take it. The one rule deciding
+    between removal and scattering back, shared with :class:`torchdam.budget.WidthModel`."""
+    deltas = {m: _bias_delta(m, inputs.get(m), idxs) for m, idxs in consumers.items()}
+    return None if any(d is None for d in deltas.values()) else deltas
+
+
 def _compensate(consumers: dict[nn.Module, list[int]], inputs: dict[nn.Module, Tensor | None]) -> bool:
     """Adds to each consumer's bias what removing its dead input units takes away (the
     constant a dead unit becomes after a norm or a depthwise conv's bias, e.g. an inverted
     residual's depthwise conv + BatchNorm between the gate and the projection); False,
     changing nothing, when some consumer cannot take it."""
-    deltas = {m: _bias_delta(m, inputs.get(m), idxs) for m, idxs in consumers.items()}
-    if any(d is None for d in deltas.values()):
+    deltas = _bias_deltas(consumers, inputs)
+    if deltas is None:
         return False
     for m, d in deltas.items():
         if d.dim() == 0:

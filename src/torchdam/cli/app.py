@@ -65,7 +65,9 @@ def prune(
     reach_at: float = typer.Option(TrainConfig.reach_at, help="with a target: fraction of the steps by which it is reached (then held)"),
     penalty: Optional[str] = typer.Option(
         None, help="cost (each layer pulled by what its units cost; default with a target) or uniform (the paper's mean)"),
-    round_to: int = typer.Option(TrainConfig.round_to, help="with a target: every compacted width a multiple of N"),
+    round_to: int = typer.Option(
+        TrainConfig.round_to, help="with a target: every compacted width a multiple of N (8 runs ResNet-sized CNNs "
+                                   "faster; narrow layers then stay whole; heads are not rounded)"),
     overwrite: bool = typer.Option(
         False, help="replace the outputs of an earlier run in --out (without it, such a folder is refused)"),
 ) -> None:

@@ -22,11 +22,9 @@ from torchdam.count import count
 
 NAMES = {"cost": "dam-budget", "uniform": "dam-budget-uniform"}
 FINETUNED = "dam-budget-ft"
-#: :class:`torchdam.Budget`'s default; a run at another value is labelled with it
-DEFAULT_REACH_AT = REACH_AT
 
 
-def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float = DEFAULT_REACH_AT,
+def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float = REACH_AT,
         gate: str = "relu_tanh", tune: bool = False) -> Result:
     """Train to ``strength`` of the dense FLOPs, then :func:`torchdam.compact` the last epoch
     (and with ``tune``, fine-tune the compacted model: method ``dam-budget-ft``)."""
@@ -45,7 +43,8 @@ def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float
         tuned = finetune(small, setup)
         stages += [tuned] if tuned is not None else []
     base = FINETUNED if tune else NAMES[penalty]
-    name = base if reach_at == DEFAULT_REACH_AT else f"{base} reach_at={reach_at:g}"
+    # a run off the budget's default reach_at is labelled with it
+    name = base if reach_at == REACH_AT else f"{base} reach_at={reach_at:g}"
     return finish(name, strength, small, stages, setup, layer_widths, gate=gate,
                   target_flops=strength, reached_flops=reached, penalty=penalty, reach_at=reach_at,
                   budget_ok=budget["ok"], budget_floor=budget["floor"],

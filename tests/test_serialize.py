@@ -533,8 +533,9 @@ def test_file_size_limits(tmp_path, monkeypatch):
     from torchdam import serialize
 
     save(_mlp(), tmp_path)
-    monkeypatch.setattr(serialize, "MAX_ARCH_BYTES", 100)
+    monkeypatch.setattr(serialize.limits, "MAX_ARCH_BYTES", 100)
     _refused(tmp_path, rf"{ARCH_FILE}: \d+ bytes, more than the 100 bytes allowed")
-    monkeypatch.setattr(serialize, "MAX_ARCH_BYTES", 2**20)
-    monkeypatch.setattr(serialize, "MAX_WEIGHTS_BYTES", 100)
+    _refused(tmp_path, r"torchdam\.serialize\.limits\.MAX_ARCH_BYTES")  # the message names the knob
+    monkeypatch.setattr(serialize.limits, "MAX_ARCH_BYTES", 2**20)
+    monkeypatch.setattr(serialize.limits, "MAX_WEIGHTS_BYTES", 100)
     _refused(tmp_path, rf"{WEIGHTS_FILE}: \d+ bytes, more than the 100 bytes allowed")

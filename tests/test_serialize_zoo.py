@@ -271,7 +271,7 @@ def test_lambda_activation_refused_at_save_with_advice(tmp_path):
 
 
 def test_registered_function_round_trips(tmp_path, monkeypatch):
-    monkeypatch.setattr("torchdam.serialize.FUNCTIONS", dict(FUNCTIONS))
+    monkeypatch.setattr("torchdam.serialize.registry.FUNCTIONS", dict(FUNCTIONS))
     with pytest.raises(ConfigError, match="stable name"):
         register_function(lambda x: x)
     register_function(_swish)

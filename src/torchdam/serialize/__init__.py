@@ -42,23 +42,7 @@ every refusal is a :class:`~torchdam.errors.CheckpointError` naming the file and
 """
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
-from torchdam.serialize import limits, registry, rules
-from torchdam.serialize.limits import (
-    ARCH_FILE,
-    MAX_ARCH_BYTES,
-    MAX_DEPTH,
-    MAX_MODULES,
-    MAX_NAME_LENGTH,
-    MAX_OBJECTS,
-    MAX_VALUE_DEPTH,
-    MAX_WEIGHTS_BYTES,
-    MIN_INT_LIMIT,
-    WEIGHTS_FILE,
-)
+from torchdam.serialize.limits import ARCH_FILE, WEIGHTS_FILE
 from torchdam.serialize.limits import FORMAT as FORMAT
 from torchdam.serialize.limits import READABLE_VERSIONS as READABLE_VERSIONS
 from torchdam.serialize.limits import VERSION as VERSION
@@ -76,31 +60,7 @@ from torchdam.serialize.rules import RULES, Rule
 from torchdam.serialize.saving import save
 
 # FORMAT, VERSION, READABLE_VERSIONS, BUILTIN_TRUSTED and HF_*_CLASSES are public too, but
-# (as before the split) not in __all__; hence their ``X as X`` imports.
-__all__ = ["ARCH_FILE", "FUNCTIONS", "MAX_ARCH_BYTES", "MAX_DEPTH", "MAX_MODULES", "MAX_NAME_LENGTH",
-           "MAX_OBJECTS", "MAX_VALUE_DEPTH", "MAX_WEIGHTS_BYTES", "METHODS", "MIN_INT_LIMIT", "RULES",
-           "WEIGHTS_FILE", "Rule", "load", "load_metadata", "register_function", "register_module", "save"]
-
-#: setting -> the module whose code reads it (as ``limits.MAX_DEPTH``, ``registry.FUNCTIONS``, ...)
-_SETTINGS: dict[str, types.ModuleType] = {
-    **dict.fromkeys(["ARCH_FILE", "FORMAT", "MAX_ARCH_BYTES", "MAX_DEPTH", "MAX_MODULES", "MAX_NAME_LENGTH",
-                     "MAX_OBJECTS", "MAX_VALUE_DEPTH", "MAX_WEIGHTS_BYTES", "MIN_INT_LIMIT", "READABLE_VERSIONS",
-                     "VERSION", "WEIGHTS_FILE"], limits),
-    **dict.fromkeys(["BUILTIN_TRUSTED", "FUNCTIONS", "HF_MODULE_CLASSES", "HF_OBJECT_CLASSES", "METHODS"], registry),
-    "RULES": rules,
-}
-
-
-class _Package(types.ModuleType):
-    """Assigning a setting here (``torchdam.serialize.MAX_MODULES = 10**6``, or a test's
-    monkeypatch of ``FUNCTIONS``) assigns it in the module whose code reads it, so it takes
-    effect as it did when this package was one module."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        home = _SETTINGS.get(name)
-        if home is not None:
-            setattr(home, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+# (as before the split) not in __all__; hence their ``X as X`` imports. The size limits have
+# one home, :mod:`torchdam.serialize.limits` (set them there: ``limits.MAX_MODULES = ...``).
+__all__ = ["ARCH_FILE", "FUNCTIONS", "METHODS", "RULES", "WEIGHTS_FILE", "Rule", "load", "load_metadata",
+           "register_function", "register_module", "save"]

@@ -37,7 +37,8 @@ def _read_arch(directory: Path) -> dict:
     file = directory / limits.ARCH_FILE
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no saved model directory there; pass the directory save() wrote")
-    data = read_regular_file(file, "the model's architecture", limits.MAX_ARCH_BYTES,
+    data = read_regular_file(file, "the model's architecture (torchdam.serialize.limits.MAX_ARCH_BYTES)",
+                             limits.MAX_ARCH_BYTES,
                              missing=f"{file}: missing; is {directory} a directory written by torchdam.save?")
     arch = _parse_json(data, file, "the architecture")
     if not isinstance(arch, dict) or arch.get("format") != limits.FORMAT:
@@ -76,7 +77,7 @@ class _Plan:
         self._open: set[str] = set()  # modules whose children are being checked
         objects = arch.get("objects", [])
         if not isinstance(objects, list) or len(objects) > limits.MAX_OBJECTS:
-            raise self.error("the objects table", f"is not a list of at most {limits.MAX_OBJECTS} (MAX_OBJECTS) entries")
+            raise self.error("the objects table", f"is not a list of at most {limits.MAX_OBJECTS} (torchdam.serialize.limits.MAX_OBJECTS) entries")
         self.objects = objects
         for i, node in enumerate(objects):
             self._object(node, i)
@@ -106,9 +107,9 @@ class _Plan:
     def _node(self, node: Any, path: str, depth: int) -> None:
         where = _where(path)
         if depth > limits.MAX_DEPTH:
-            raise self.error(where, f"is nested more than {limits.MAX_DEPTH} modules deep (MAX_DEPTH)")
+            raise self.error(where, f"is nested more than {limits.MAX_DEPTH} modules deep (torchdam.serialize.limits.MAX_DEPTH)")
         if len(self.modules) >= limits.MAX_MODULES:
-            raise self.error(where, f"is beyond {limits.MAX_MODULES} modules (MAX_MODULES)")
+            raise self.error(where, f"is beyond {limits.MAX_MODULES} modules (torchdam.serialize.limits.MAX_MODULES)")
         if not isinstance(node, dict) or set(node) != _NODE_KEYS:
             raise self.error(where, f"needs exactly the keys {sorted(_NODE_KEYS)}")
         self._class_names(node, where)
@@ -178,7 +179,7 @@ class _Plan:
 
     def _value(self, value: Any, depth: int, where: str) -> None:
         if depth > limits.MAX_VALUE_DEPTH:
-            raise self.error(where, f"nests more than {limits.MAX_VALUE_DEPTH} levels (MAX_VALUE_DEPTH)")
+            raise self.error(where, f"nests more than {limits.MAX_VALUE_DEPTH} levels (torchdam.serialize.limits.MAX_VALUE_DEPTH)")
         kind = type(value)
         if value is None or kind in (bool, float, str):
             return

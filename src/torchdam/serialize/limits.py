@@ -1,7 +1,7 @@
 """The file format's names and version, and the limits load (and save) enforce.
 
-Code reads these as ``limits.NAME`` when it runs, so assigning one on
-``torchdam.serialize`` (which forwards here) takes effect, as it did when this was one module.
+Code reads these as ``limits.NAME`` when it runs, so a limit raised here
+(``torchdam.serialize.limits.MAX_MODULES = 10**6``) takes effect for the next load.
 """
 from __future__ import annotations
 

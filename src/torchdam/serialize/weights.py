@@ -39,7 +39,8 @@ class _Entry:
 def _read_weights(file: Path) -> tuple[bytes, dict[str, _Entry]]:
     """The weights file's bytes and its header, checked entry by entry (dtype, shape, data
     offsets that tile the data exactly), before any tensor is made from it."""
-    data = read_regular_file(file, "the model's weights", limits.MAX_WEIGHTS_BYTES,
+    data = read_regular_file(file, "the model's weights (torchdam.serialize.limits.MAX_WEIGHTS_BYTES)",
+                             limits.MAX_WEIGHTS_BYTES,
                              missing=f"{file}: missing; the directory holds no saved weights")
 
     def bad(why: str) -> CheckpointError:

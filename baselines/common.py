@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from torchdam.attach import Selector, Site, attach, plan
+from torchdam.budget import Budget
 from torchdam.count import count
 from torchdam.data import Splits
 from torchdam.errors import ConfigError
@@ -207,11 +208,12 @@ def _check_ratio(ratio: float) -> None:
 
 def fit(model: nn.Module, config: TrainConfig, setup: Setup,
         extra_penalty: Callable[[nn.Module], Tensor] | None = None,
-        adjust: Callable[[Trainer], None] | None = None) -> Trained:
+        adjust: Callable[[Trainer], None] | None = None, budget: Budget | None = None) -> Trained:
     """Train ``model`` in place on the setup's data; the validation set is logged each epoch.
-    ``adjust(trainer)`` runs before training (e.g. to regroup the optimizer's parameters)."""
+    ``adjust(trainer)`` runs before training (e.g. to regroup the optimizer's parameters);
+    ``budget`` trains to a size (:class:`torchdam.Budget`) instead of with ``config.lam``."""
     splits = setup.splits
-    trainer = Trainer(model, config, device=setup.device, extra_penalty=extra_penalty)
+    trainer = Trainer(model, config, device=setup.device, extra_penalty=extra_penalty, budget=budget)
     if adjust is not None:
         adjust(trainer)
     val = DataLoader(splits.val, batch_size=EVAL_BATCH) if len(splits.val) else None

@@ -2,8 +2,10 @@
 a FLOPs target, compact.
 
 ``strength`` is the target, a fraction of the dense model's FLOPs per sample
-(``TrainConfig(target_flops=strength)``): the budget drives the betas to it by
+(``Trainer(budget=Budget(flops=strength))``): the budget drives the betas to it by
 ``reach_at`` of the steps, snaps the widths and trains the rest of the run at that width.
+``schedule`` and ``cold_start`` (epochs before the budget starts) are the budget's own
+options, for variants; a run off a default is labelled with it.
 ``penalty`` is ``"cost"`` (each gate pulled by what its units cost; method ``dam-budget``)
 or ``"uniform"`` (the paper's ``mean(beta)`` direction; ``dam-budget-uniform``). ``lam``
 and ``beta_lr`` are not used. Single stage (``finetune_epochs`` ignored), except
@@ -16,7 +18,7 @@ import dataclasses
 
 from baselines.common import Result, Setup, finetune, fit, finish, test_accuracy
 from torchdam.attach import attach, named_gates, widths
-from torchdam.budget import REACH_AT
+from torchdam.budget import REACH_AT, Budget
 from torchdam.compact import compact
 from torchdam.count import count
 
@@ -25,13 +27,16 @@ FINETUNED = "dam-budget-ft"
 
 
 def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float = REACH_AT,
+        schedule: str | None = None, cold_start: int | None = None,
         gate: str = "relu_tanh", tune: bool = False) -> Result:
     """Train to ``strength`` of the dense FLOPs, then :func:`torchdam.compact` the last epoch
     (and with ``tune``, fine-tune the compacted model: method ``dam-budget-ft``)."""
     model = setup.build()
     attach(model, setup.layers, setup.exclude, gate=gate)
-    config = dataclasses.replace(setup.config, target_flops=strength, penalty=penalty, reach_at=reach_at)
-    trained = fit(model, config, setup)
+    config = setup.config if cold_start is None else dataclasses.replace(setup.config, cold_start=cold_start)
+    options = {"schedule": schedule} if schedule is not None else {}
+    trained = fit(model, config, setup,
+                  budget=Budget(flops=strength, reach_at=reach_at, penalty=penalty, round_to=config.round_to, **options))
     layer_widths = widths(model)
     small = compact(model, setup.examples(), min_width=setup.min_width)
     sample = setup.sample()
@@ -43,10 +48,12 @@ def run(setup: Setup, strength: float, *, penalty: str = "cost", reach_at: float
         tuned = finetune(small, setup)
         stages += [tuned] if tuned is not None else []
     base = FINETUNED if tune else NAMES[penalty]
-    # a run off the budget's default reach_at is labelled with it
-    name = base if reach_at == REACH_AT else f"{base} reach_at={reach_at:g}"
+    # a run off the budget's defaults is labelled with them
+    name = base + (f" reach_at={reach_at:g}" if reach_at != REACH_AT else "") + "".join(
+        f" {key}={value}" for key, value in (("schedule", schedule), ("cold_start", cold_start)) if value is not None)
     return finish(name, strength, small, stages, setup, layer_widths, gate=gate,
                   target_flops=strength, reached_flops=reached, penalty=penalty, reach_at=reach_at,
+                  schedule=trained.trainer.budget.schedule, cold_start=config.cold_start,
                   budget_ok=budget["ok"], budget_floor=budget["floor"],
                   test_acc_gated=gated_acc,
                   betas={name: g.beta.item() for name, g in named_gates(model)})

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from torchdam.atomic import write_atomic
 from torchdam.attach import attach, widths
+from torchdam.budget import SCHEDULES
 from baselines import BASELINES, NotApplicableError, Result, Setup
 from baselines import dam as dam_baseline
 from baselines import dense, slimming
@@ -89,6 +90,9 @@ class Study:
     targets: tuple[float, ...] = ()
     #: budget-DAM's reach_at (fraction of the steps by which the target is reached); None: the default
     reach_at: float | None = None
+    #: budget-DAM's schedule and cold start (epochs before the budget starts); None: the defaults
+    budget_schedule: str | None = None
+    budget_cold_start: int | None = None
 
 
 def _config(**kwargs) -> TrainConfig:
@@ -245,8 +249,10 @@ def method_jobs(study: Study, methods: tuple[str, ...], quick: bool) -> Plan:
 
 def _runner(method: str, study: Study) -> Callable[[Setup, float, Trained], Result]:
     run = BASELINES.get(method)
-    if method in BUDGET_METHODS and study.reach_at is not None:
-        return lambda setup, s, pre: run(setup, s, reach_at=study.reach_at)
+    budget = {key: value for key, value in (("reach_at", study.reach_at), ("schedule", study.budget_schedule),
+                                            ("cold_start", study.budget_cold_start)) if value is not None}
+    if method in BUDGET_METHODS and budget:
+        return lambda setup, s, pre: run(setup, s, **budget)
     if study.targets and method in ("magnitude", "chipnet", "chipnet-flops", "tp_vit"):
         return lambda setup, s, pre: run(setup, 0.0, pretrained=pre, target_flops=s)
     if method == "slimming" and study.targets:
@@ -608,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reach-at", type=float, default=None,
                         help="dam-budget(-uniform, -ft): fraction of the steps by which the target is reached "
                              "(default: torchdam.Budget's 0.65); rows are labelled with it")
+    parser.add_argument("--budget-schedule", choices=SCHEDULES, default=None,
+                        help="dam-budget(-uniform, -ft): how the target falls to its value (default: "
+                             "torchdam.Budget's cubic); rows are labelled with it")
+    parser.add_argument("--budget-cold-start", type=int, default=None, metavar="EPOCHS",
+                        help="dam-budget(-uniform, -ft): epochs of plain training before the budget starts "
+                             "(default: the study's cold_start); rows are labelled with it")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -632,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < args.reach_at <= 1:
             parser.error(f"--reach-at must be in (0, 1], got {args.reach_at}")
         study = dataclasses.replace(study, reach_at=args.reach_at)
+    if args.budget_cold_start is not None and args.budget_cold_start < 0:
+        parser.error(f"--budget-cold-start must be >= 0, got {args.budget_cold_start}")
+    study = dataclasses.replace(study, budget_schedule=args.budget_schedule, budget_cold_start=args.budget_cold_start)
     if args.targets is not None:
         try:
             targets = tuple(float(t) for t in args.targets.split(","))

@@ -179,6 +179,20 @@ def test_target_mode_gives_each_method_the_targets(pruning, monkeypatch):
     assert seen[8] == ("chipnet", 0.0, {"pretrained": "pre", "target_flops": 0.2})
 
 
+def test_budget_variant_flags_reach_the_budget_and_label_the_rows(pruning, tmp_path):
+    """--reach-at, --budget-schedule and --budget-cold-start are the budget's own options:
+    the trained budget used them, and each row says which it ran with."""
+    assert pruning.main(["lenet300-mnist", "--quick", "--no-progress", "--epochs", "2", "--targets", "0.5",
+                         "--methods", "dam-budget", "--reach-at", "0.5", "--budget-schedule", "linear",
+                         "--budget-cold-start", "1", "--out", str(tmp_path)]) == 0
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert run["method"] == "dam-budget reach_at=0.5 schedule=linear cold_start=1"
+    assert (run["schedule"], run["cold_start"], run["reach_at"]) == ("linear", 1, 0.5)
+    assert 0.5 * 0.97 <= 1 / run["flops_ratio"] <= 0.5 * 1.03
+    with pytest.raises(SystemExit):
+        pruning.main(["lenet300-mnist", "--budget-schedule", "exponential", "--out", str(tmp_path)])
+
+
 def test_bad_targets_are_a_usage_error(pruning):
     with pytest.raises(SystemExit):
         pruning.main(["lenet300-mnist", "--targets", "0.5,2", "--out", "/nonexistent"])

@@ -409,7 +409,9 @@ def attach(
       registered) and depthwise/grouped convolutions;
     - in transformers, the heads of every attention module of a type in
       :data:`torchdam.attention.ATTENTION` (``nn.MultiheadAttention``, HF BERT/ViT/GPT-2/
-      Llama attention): one gate per module whose units are its heads (under grouped-query
+      Llama attention) or of Hugging Face's standard structure
+      (:func:`torchdam.attention.standard_hf_heads`: Mistral, Qwen, Gemma, Phi, BART, CLIP,
+      ...): one gate per module whose units are its heads (under grouped-query
       attention a unit is a key/value head with its query heads). Its q/k/v/output
       projections are never gated as layers;
     - so in a transformer block: the heads and the FFN hidden units (the MLP's first layer:

@@ -4,7 +4,8 @@ What :func:`torchdam.attach` gates in a transformer by default (``heads=True``):
 
 * **Attention heads.** Every module whose type is in :data:`ATTENTION` (``nn.MultiheadAttention``;
   Hugging Face BERT ``BertAttention``, ViT ``ViTAttention``, GPT-2 ``GPT2Attention``, Llama
-  ``LlamaAttention``) gets one gate whose units are its heads. Under grouped-query attention
+  ``LlamaAttention``), and every Hugging Face attention of the standard structure
+  (:func:`standard_hf_heads`), gets one gate whose units are its heads. Under grouped-query attention
   (fewer key/value heads than query heads) a unit is one key/value head together with the
   query heads that read it, so a unit can be removed whole. The gate scales each head's
   output, i.e. that head's columns of the output projection's input, so a dead head
@@ -17,7 +18,9 @@ What :func:`torchdam.attach` gates in a transformer by default (``heads=True``):
   and ``up_proj`` share its units and ``down_proj``'s inputs follow them.
 * **Not gated by type** (:data:`NOT_GATED`): layers that write the residual stream (FFN output
   projections, ViT's patch embedding) or share another layer's units (Llama's
-  ``gate_proj``). Name them in ``layers`` to gate them anyway.
+  ``gate_proj``), and in any HF family ``gate_proj``/``down_proj`` of a gated MLP and ``fc2``
+  after ``fc1`` (:data:`HF_GATED_MLP`, :data:`HF_PLAIN_MLP`). Name them in ``layers`` to gate
+  them anyway.
 
 Fused kernels that read weights directly would skip gates: ``nn.MultiheadAttention`` gets a
 forward that applies its gate (the module's general path, with the gated output
@@ -39,6 +42,8 @@ output widths do not change), so no dependency graph is needed for it. An
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -423,8 +428,29 @@ SHARED_UNITS: list[tuple[str, str, str, tuple[str, ...]]] = [
 ]
 
 
+#: Children of Hugging Face modules recognised by their names alone (any family):
+#: ``down(act(gate_proj(x)) * up_proj(x))`` (Llama's MLP, copied by most decoder LMs) and a
+#: block's ``fc2`` after ``fc1`` (BART, Whisper, CLIP, Phi, ...), whose output is the stream.
+HF_GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+HF_PLAIN_MLP = ("fc1", "fc2")
+
+
+def _linear_children(module: nn.Module, names: tuple[str, ...]) -> bool:
+    return type(module).__module__.startswith("transformers.models.") and all(
+        isinstance(getattr(module, n, None), nn.Linear) for n in names)
+
+
+def _standard_not_gated(module: nn.Module) -> tuple[str, ...]:
+    if _linear_children(module, HF_GATED_MLP):
+        return ("gate_proj", "down_proj")
+    if _linear_children(module, HF_PLAIN_MLP):
+        return ("fc2",)
+    return ()
+
+
 def shared_units(model: nn.Module) -> dict[int, frozenset[int]]:
-    """``{id(gated layer): ids of the layers whose outputs multiply its own}`` (:data:`SHARED_UNITS`)."""
+    """``{id(gated layer): ids of the layers whose outputs multiply its own}`` (:data:`SHARED_UNITS`
+    and any Hugging Face gated MLP, :data:`HF_GATED_MLP`)."""
     table = {}
     for module, name, child, partners in SHARED_UNITS:
         cls = _hf(module, name)
@@ -433,6 +459,8 @@ def shared_units(model: nn.Module) -> dict[int, frozenset[int]]:
     found: dict[int, frozenset[int]] = {}
     for module in model.modules():
         entry = table.get(type(module))
+        if entry is None and _linear_children(module, HF_GATED_MLP):
+            entry = ("up_proj", ("gate_proj",))
         if entry is not None:
             found[id(_sub(module, entry[0]))] = frozenset(id(_sub(module, p)) for p in entry[1])
     return found
@@ -453,9 +481,63 @@ def attention_types() -> dict[type, Heads]:
     return table
 
 
+#: Child names of separate q/k/v/output projections in Hugging Face attention modules that
+#: infer their head counts from the projections' widths (see :func:`standard_hf_heads`).
+HF_PROJECTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),    # Llama, Mistral, Qwen, Gemma, Mixtral, OLMo, ...
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # BART, Whisper, CLIP, SigLIP, M2M100, ...
+    ("q_proj", "k_proj", "v_proj", "dense"),     # Phi
+)
+#: How such a module's forward splits heads: from the projection width, by ``head_dim``.
+_HEADS_FROM_WIDTH = ", -1, self.head_dim)"
+
+
+@functools.cache
+def _splits_heads_by_width(cls: type) -> bool:
+    """Whether ``cls.forward`` reshapes its projections as ``(*input_shape, -1, self.head_dim)``
+    (Hugging Face's standard attention since v4.48): its head counts then follow the
+    projections, so removing heads needs no other change."""
+    try:
+        return _HEADS_FROM_WIDTH in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def standard_hf_heads(module: nn.Module) -> SplitHeads | None:
+    """The head layout of a Hugging Face attention module not listed in :data:`HF_ATTENTION`
+    that has separate ``nn.Linear`` q/k/v/output projections (:data:`HF_PROJECTION_NAMES`), an
+    integer ``head_dim``, no other tensors than per-``head_dim`` ones (Qwen3's q/k norms; any
+    other may be per head) and the standard forward (:func:`_splits_heads_by_width`): the families built on Llama's
+    attention, BART's and CLIP's. Its head-count attributes, where it keeps them, are
+    updated on removal. None for anything else."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.models.") or not isinstance(getattr(module, "head_dim", None), int):
+        return None
+    children = dict(module.named_children())
+    names = next((n for n in HF_PROJECTION_NAMES if all(type(children.get(c)) is nn.Linear for c in n)), None)
+    if names is None or not _splits_heads_by_width(cls):
+        return None
+    d = module.head_dim
+    ours = [children[c] for c in (*names, GATE_ATTR) if c in children]  # the projections, its DAM gate
+    projections = {id(t) for c in ours for t in [*c.parameters(), *c.buffers()]}
+    others = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in projections]
+    if any(tuple(t.shape) != (d,) for t in others):
+        return None  # a tensor that may be per head (Swin's position bias, attention sinks)
+    q, k, v, o = (children[c] for c in names)
+    heads, kv = q.out_features // d, k.out_features // d
+    if (q.out_features % d or k.out_features % d or v.out_features != k.out_features or kv == 0
+            or heads % kv or o.in_features != q.out_features):
+        return None
+    counts = {a: fn for a, fn in (("num_heads", _heads), ("num_attention_heads", _heads),
+                                  ("num_key_value_heads", _kv_heads)) if isinstance(getattr(module, a, None), int)}
+    return SplitHeads(*names, "head_dim", counts)
+
+
 def heads_of(module: nn.Module) -> Heads | None:
-    """The head layout of ``module`` if it is a recognised attention module."""
-    return attention_types().get(type(module))
+    """The head layout of ``module`` if it is a recognised attention module: a registered
+    type (:data:`ATTENTION`, :data:`HF_ATTENTION`) or a standard Hugging Face one."""
+    layout = attention_types().get(type(module))
+    return layout if layout is not None else standard_hf_heads(module)
 
 
 def _not_gated_types() -> dict[type, tuple[str, ...]]:
@@ -473,19 +555,19 @@ def scan(model: nn.Module, heads: bool) -> tuple[dict[str, Site], set[str]]:
     when ``heads``) and the names of layers a type selector must not match (attention
     projections and :data:`NOT_GATED` children)."""
     register_hf_layers()
-    table, not_gated = attention_types(), _not_gated_types()
+    not_gated = _not_gated_types()
     sites: dict[str, Site] = {}
     skip: set[str] = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        layout = table.get(type(module))
+        layout = heads_of(module)
         if layout is not None:
             owned = {id(p) for p in layout.projections(module)}
             skip.update(prefix + n for n, c in module.named_modules() if n and id(c) in owned)
             if heads and name:
                 units, _, _ = layout.layout(module)
                 sites[name] = Site(name, name, units, -2, "heads")
-        for child in not_gated.get(type(module), ()):
+        for child in not_gated.get(type(module), ()) or _standard_not_gated(module):
             skip.add(prefix + child)
     return sites, skip
 

@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from torchdam import attention
 from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
 from torchdam.compact import (
+    RunawayGroup,
     ScatterUnits,
     _bias_deltas,
     _build_graph,
@@ -96,6 +97,7 @@ from torchdam.compact import (
     _tied,
     as_tuple,
     compact,
+    pruning_group,
     run_eval,
     unwrap,
 )
@@ -307,13 +309,16 @@ class WidthModel:
                                   f"rule for {type(producer).__name__}")
             if producer not in dg.module2node:
                 raise AttachError(f"a budget cannot trace gated layer {name!r}: example_inputs do not reach it")
+            # as compact sees a layer whose every unit is dead: which units go is DAM's order
+            layers[i] = _Gated(name, producer, info[i][1], host, -1, n, [], list(range(n)))
             try:
-                groups[i] = dg.get_pruning_group(producer, pruner.prune_out_channels, list(range(n)))
+                groups[i] = pruning_group(dg, producer, list(range(n)))
+            except RunawayGroup:  # compact scatters such a layer back: so does the budget
+                consumers[i] = None
+                continue
             except Exception as exc:
                 raise AttachError(f"a budget cannot trace gated layer {name!r}: Torch-Pruning could not find "
                                   f"the layers coupled with it ({type(exc).__name__})") from exc
-            # as compact sees a layer whose every unit is dead: which units go is DAM's order
-            layers[i] = _Gated(name, producer, info[i][1], host, -1, n, [], list(range(n)))
             consumers[i] = _consumers(dg, groups[i], layers[i], frozen, partners.get(id(producer), frozenset()))
         removable = self._removable(work, inputs, layers, consumers)
         removable = {i: d for i, d in removable.items() if i not in scattered}
@@ -331,7 +336,7 @@ class WidthModel:
             by_module[id(layers[i].producer)] = by_module[id(layers[i].host)] = layers[i]
         index = {id(layer): i for i, layer in layers.items()}
         for i, (producer, host, n) in producers.items():
-            group = groups[i]
+            group = groups.get(i)  # None: its search ran away (scattered, its own width only)
             if i not in stream:
                 for dep, idxs in group:
                     if traced(dep):
@@ -342,7 +347,7 @@ class WidthModel:
             if host is not producer:
                 add(host, "out", range(n), (i,), n)
             # ... and the stream narrows to its widest writer when every writer is gated
-            found = _stream_members(dg, layers[i], by_module, frozen) if narrow else None
+            found = _stream_members(dg, layers[i], by_module, frozen) if narrow and group is not None else None
             if found is None:
                 continue
             members = {index[id(m)] for m in found}

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from unittest import mock
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from torchdam import attention
-from torchdam.attach import GATE_ATTR, LINEAR_LIKE, _ungateable_reason, detach, named_gates
+from torchdam.attach import GATE_ATTR, LINEAR_LIKE, _ungateable_reason, _unit_rule, detach, named_gates
 from torchdam.errors import CompactionError, ShapeError, TorchDAMError, UnsupportedLayerError
 from torchdam.gates import DAMGate
 
@@ -207,14 +208,22 @@ class ScatterUnits(nn.Module):
         return y.new_zeros(shape).index_copy_(axis, self.index, y)
 
     def __getattr__(self, name: str):
-        # Code that reads the wrapped layer's ``weight``/``bias`` for their dtype or device
-        # (HF ViT reads ``patch_embeddings.projection.weight.dtype``) finds the inner layer's.
+        # Model code reads its layers' attributes: HF ViT ``projection.weight.dtype``, Whisper
+        # ``conv1.stride``. They are the wrapped layer's, except its width, which is the total;
+        # its submodules (a DAM gate) stay its own.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("weight", "bias"):
-                return getattr(self._modules["module"], name)
-            raise
+            if name.startswith("_") or "module" not in self.__dict__.get("_modules", {}):
+                raise
+            inner = self._modules["module"]
+            rule = _unit_rule(type(inner))
+            if rule is not None and name == rule[0]:
+                return self.total
+            value = getattr(inner, name)
+            if isinstance(value, nn.Module):
+                raise
+            return value
 
     def extra_repr(self) -> str:
         return f"live={self.index.numel()}, total={self.total}, axis={self.axis}"
@@ -410,7 +419,12 @@ def _consumers(dg: tp.DependencyGraph, group, layer: _Gated, frozen: dict[int, s
             if id(node) not in passing and node.type != tp.ops.OPTYPE.PARAMETER and id(module) not in partners:
                 return None
         elif dg.is_in_channel_pruning_fn(dep.handler):
-            consumers[module] = _plain(idxs)
+            units = _plain(idxs)
+            pruner = dg.get_pruner_of_module(module)
+            width = pruner.get_in_channels(module) if pruner is not None else None
+            if width is not None and max(units, default=-1) >= width:
+                return None  # the graph's index map does not fit the layer (a fused qkv's reshape)
+            consumers[module] = units
     return consumers or None
 
 
@@ -506,8 +520,10 @@ def _stream_members(dg: tp.DependencyGraph, layer: _Gated, by_module: dict[int, 
     cannot be narrowed: an ungated producer, a BatchNorm that hosts none of their gates
     (pre-activation), an op that remaps channels (concat, split, ...), a producer of
     another width, a layer that must keep its width (``frozen``), or no consumer."""
-    group = dg.get_pruning_group(layer.producer, dg.get_pruner_of_module(layer.producer).prune_out_channels,
-                                 layer.dead)
+    try:
+        group = pruning_group(dg, layer.producer, layer.dead)
+    except RunawayGroup:
+        return None
     members: dict[int, _Gated] = {}
     consumers = False
     for dep, idxs in group:
@@ -717,6 +733,33 @@ def _build_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
         ) from exc
 
 
+class RunawayGroup(CompactionError):
+    """Torch-Pruning's search for the layers coupled with a layer's units did not settle: it
+    kept meeting the same layers with new index sets (grouped-query attention's
+    ``repeat_kv`` among others, VainF/Torch-Pruning#527, where it never ends)."""
+
+
+#: A coupled group holds each graph node a few times at most (once per index set reaching
+#: it); a search past this many entries per node is one that does not end.
+GROUP_ENTRIES_PER_NODE = 8
+
+
+def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]):
+    """``dg.get_pruning_group`` for output units ``idxs`` of ``module``, bounded: raises
+    :class:`RunawayGroup` instead of searching for ever."""
+    limit = GROUP_ENTRIES_PER_NODE * len(dg.module2node) + 64
+
+    class Bounded(tp.dependency.group.Group):
+        def add_dep(self, dep, idxs) -> None:
+            if len(self._group) >= limit:
+                raise RunawayGroup(f"Torch-Pruning's search for the layers coupled with "
+                                   f"{type(module).__name__} passed {limit} entries")
+            super().add_dep(dep, idxs)
+
+    with mock.patch.object(tp.dependency.graph, "Group", Bounded):
+        return dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
+
+
 def _group(dg: tp.DependencyGraph, module: nn.Module, name: str, idxs: list[int]):
     """Torch-Pruning's group of layers coupled with output units ``idxs`` of ``module``."""
     pruner = dg.get_pruner_of_module(module)
@@ -729,7 +772,9 @@ def _group(dg: tp.DependencyGraph, module: nn.Module, name: str, idxs: list[int]
             "so they must run every gated layer (pass inputs that take every branch, or detach "
             "the gates of layers they do not use)")
     try:
-        return dg.get_pruning_group(module, pruner.prune_out_channels, idxs)
+        return pruning_group(dg, module, idxs)
+    except RunawayGroup:
+        raise
     except Exception as exc:
         raise CompactionError(f"Torch-Pruning could not find the layers coupled with {name!r} "
                               f"({type(exc).__name__})") from exc
@@ -811,8 +856,11 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
                 _group(dg, module, name, [])  # raises: not reached
         if not layer.dead:
             continue
-        consumers = _consumers(dg, _group(dg, layer.producer, layer.name, layer.dead), layer, frozen,
-                               shared.get(id(layer.producer), frozenset()))
+        try:
+            consumers = _consumers(dg, _group(dg, layer.producer, layer.name, layer.dead), layer, frozen,
+                                   shared.get(id(layer.producer), frozenset()))
+        except RunawayGroup:
+            consumers = None  # its coupled layers are unknown: computed narrow, scattered back
         if consumers is None or layer.name in scatter:
             stream.append(layer)
         else:

@@ -1,5 +1,6 @@
-"""Compaction of CNN / RNN / LM / recommender families a new user would bring, written from
-scratch here (not the project's zoo): default ``attach``, a few real training steps with the
+"""Compaction of CNN / RNN / LM / recommender families and hand-written transformers
+(nanoGPT's fused qkv with SDPA and a tied head, timm's ViT attention, MLP-Mixer) a new user
+would bring, written from scratch here (not the project's zoo): default ``attach``, a few real training steps with the
 penalty, mixed live/dead gates, ``compact`` under ``torch.no_grad()``, then the compacted
 model must equal the gated one on a fresh input, be strictly smaller in FLOPs and
 parameters, carry no DAM state, round-trip ``torchdam.save``/``load`` exactly and export to
@@ -276,6 +277,113 @@ class Recommender(nn.Module):
         return self.rating(self.mlp(x)).squeeze(-1)
 
 
+class NanoGPTAttention(nn.Module):
+    """nanoGPT's attention: q, k, v from one fused Linear split on the channels, causal SDPA."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(x).split(c, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class NanoGPT(nn.Module):
+    """Two pre-norm blocks, learned positions, the LM head tied to the token embedding."""
+
+    def __init__(self, vocab: int = 20, dim: int = 32) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(16, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "ln1": nn.LayerNorm(dim), "attn": NanoGPTAttention(dim), "ln2": nn.LayerNorm(dim),
+            "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))}) for _ in range(2))
+        self.ln_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        for b in self.blocks:
+            x = x + b["attn"](b["ln1"](x))
+            x = x + b["mlp"](b["ln2"](x))
+        return self.head(self.ln_f(x))
+
+
+class TimmViTish(nn.Module):
+    """timm's ViT attention (``qkv`` reshaped to (3, heads, head_dim), unbind, SDPA), a class
+    token, learned positions, pre-norm blocks."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
+            "norm2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim)}) for _ in range(2))
+        self.heads, self.norm, self.head = heads, nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        b, n, c = x.shape
+        for blk in self.blocks:
+            qkv = blk["qkv"](blk["norm1"](x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(*qkv.unbind(0))
+            x = x + blk["proj"](y.transpose(1, 2).reshape(b, n, c))
+            x = x + blk["fc2"](F.gelu(blk["fc1"](blk["norm2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+class MixerBlockNet(nn.Module):
+    """MLP-Mixer: a token-mixing MLP across patches (transposed) and a channel-mixing MLP."""
+
+    def __init__(self, dim: int = 32, tokens: int = 16, classes: int = 5) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.token_mlp = nn.Sequential(nn.Linear(tokens, 32), nn.GELU(), nn.Linear(32, tokens))
+        self.channel_mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return self.head((x + self.channel_mlp(self.norm2(x))).mean(1))
+
+
+class DilatedTCN(nn.Module):
+    """Temporal conv net: dilated Conv1d with a 1x1 residual projection."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 16, 3, padding=2, dilation=2)
+        self.c2 = nn.Conv1d(16, 16, 3, padding=4, dilation=4)
+        self.res = nn.Conv1d(4, 16, 1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head((F.relu(self.c2(F.relu(self.c1(x)))) + self.res(x)).mean(-1))
+
+
+class BiGRUNet(nn.Module):
+    """Linear input projection into a bidirectional GRU (Torch-Pruning cannot follow units
+    into it: the projection is computed live only and scattered back), an MLP head."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.gru = nn.GRU(16, 24, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(48, 32)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.gru(F.relu(self.embed(x)))
+        return self.head(F.relu(self.fc(y[:, -1])))
+
+
 # ------------------------------------------------------------------ the zoo test
 
 def images(size: int):
@@ -337,6 +445,29 @@ def check_recommender(small, widths):
     assert small.user_embed.embedding_dim == small.item_embed.embedding_dim == small.mlp[0].in_features // 2 == 8
 
 
+def check_nanogpt(small, widths):
+    assert small.head.weight is small.wte.weight  # still tied
+    assert small.blocks[0]["mlp"][0].out_features == widths["blocks.0.mlp.0"][0] < 128
+
+
+def check_timm_vit(small, widths):
+    assert small.blocks[0]["fc1"].out_features == widths["blocks.0.fc1"][0] < 64
+
+
+def check_mixer(small, widths):
+    assert small.token_mlp[0].out_features == small.token_mlp[2].in_features == widths["token_mlp.0"][0] < 32
+    assert small.channel_mlp[0].out_features == widths["channel_mlp.0"][0] < 64
+
+
+def check_tcn(small, widths):
+    assert small.c1.out_channels == small.c2.in_channels == widths["c1"][0] < 16
+
+
+def check_bigru(small, widths):
+    assert isinstance(small.embed, ScatterUnits) and small.embed.module.out_features == widths["embed"][0] < 16
+    assert small.fc.out_features == small.head.in_features == widths["fc"][0] < 32
+
+
 def user_item_pairs(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     return torch.randint(0, 30, (n,), generator=gen), torch.randint(0, 40, (n,), generator=gen)
 
@@ -347,6 +478,7 @@ class Family:
     inputs: Callable[[int, torch.Generator], object]  # a tensor, or a tuple of positional inputs
     check: Callable[[nn.Module, dict], None]  # the compacted model's shapes
     onnx: OnnxLimitation | None = None  # every family here exports
+    lam: float = 0.5  # the penalty in the training steps: above the random task's pull on the betas
 
 
 FAMILIES = {
@@ -363,6 +495,11 @@ FAMILIES = {
     "tied_lm_mlp": Family(TiedLM, tokens, check_tied_lm),
     "tied_lm_lstm": Family(lambda: TiedLM(recurrent=True), tokens, check_tied_lm),
     "recommender_two_inputs": Family(Recommender, user_item_pairs, check_recommender),
+    "nanogpt_tied_fused_qkv": Family(NanoGPT, tokens, check_nanogpt, lam=5.0),
+    "timm_vit_attention": Family(TimmViTish, images(32), check_timm_vit),
+    "mlp_mixer": Family(MixerBlockNet, images(32), check_mixer),
+    "dilated_tcn": Family(DilatedTCN, lambda n, gen: torch.randn(n, 4, 20, generator=gen), check_tcn),
+    "bidirectional_gru": Family(BiGRUNet, lambda n, gen: torch.randn(n, 7, 6, generator=gen), check_bigru),
 }
 
 
@@ -408,7 +545,7 @@ def compacted(family: str) -> Compacted:
     torch.manual_seed(0)
     model = fam.make()
     gates = dam.attach(model)  # the default selection
-    train_steps(model, fam.inputs)
+    train_steps(model, fam.inputs, lam=fam.lam)
     assert all(g.beta.item() < 1.0 for g in gates.values())  # the penalty pushed every beta down
     for g in gates.values():
         if g.n >= 4:

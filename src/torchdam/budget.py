@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from torchdam import attention
 from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
 from torchdam.compact import (
-    RunawayGroup,
+    GroupSearchError,
     ScatterUnits,
     _bias_deltas,
     _build_graph,
@@ -312,13 +312,10 @@ class WidthModel:
             # as compact sees a layer whose every unit is dead: which units go is DAM's order
             layers[i] = _Gated(name, producer, info[i][1], host, -1, n, [], list(range(n)))
             try:
-                groups[i] = pruning_group(dg, producer, list(range(n)))
-            except RunawayGroup:  # compact scatters such a layer back: so does the budget
+                groups[i] = pruning_group(dg, producer, list(range(n)), name)
+            except GroupSearchError:  # compact scatters such a layer back: so does the budget
                 consumers[i] = None
                 continue
-            except Exception as exc:
-                raise AttachError(f"a budget cannot trace gated layer {name!r}: Torch-Pruning could not find "
-                                  f"the layers coupled with it ({type(exc).__name__})") from exc
             consumers[i] = _consumers(dg, groups[i], layers[i], frozen, partners.get(id(producer), frozenset()))
         removable = self._removable(work, inputs, layers, consumers)
         removable = {i: d for i, d in removable.items() if i not in scattered}

@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-from unittest import mock
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
+from unittest import mock
 
 import torch
 import torch_pruning as tp
@@ -521,8 +522,8 @@ def _stream_members(dg: tp.DependencyGraph, layer: _Gated, by_module: dict[int, 
     (pre-activation), an op that remaps channels (concat, split, ...), a producer of
     another width, a layer that must keep its width (``frozen``), or no consumer."""
     try:
-        group = pruning_group(dg, layer.producer, layer.dead)
-    except RunawayGroup:
+        group = pruning_group(dg, layer.producer, layer.dead, layer.name)
+    except GroupSearchError:
         return None
     members: dict[int, _Gated] = {}
     consumers = False
@@ -713,6 +714,16 @@ def _tied(model: nn.Module) -> dict[int, list[str]]:
     return tied
 
 
+@contextmanager
+def _quiet_shape_inference() -> Iterator[None]:
+    """Torch-Pruning's shape inference gives up on some ops (a bidirectional RNN) with a bare
+    "Maximum recursive depth reached!" warning; what depends on it then fails to a fallback
+    or is checked, so it tells the user nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+        yield
+
+
 def _build_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
     """Torch-Pruning's graph of ``small`` traced on ``example_inputs`` (a dict: keyword
     arguments), through model outputs such as Hugging Face's ``ModelOutput`` (the tensors of
@@ -720,7 +731,7 @@ def _build_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
     ``Conv1D``)."""
     inputs = example_inputs if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _quiet_shape_inference():
             return tp.DependencyGraph().build_dependency(
                 small, example_inputs=inputs, forward_fn=call, output_transform=compared_outputs, verbose=False,
                 customized_pruners={**TP_PRUNERS, **attention.customized_pruners()})
@@ -733,10 +744,16 @@ def _build_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
         ) from exc
 
 
-class RunawayGroup(CompactionError):
-    """Torch-Pruning's search for the layers coupled with a layer's units did not settle: it
-    kept meeting the same layers with new index sets (grouped-query attention's
-    ``repeat_kv`` among others, VainF/Torch-Pruning#527, where it never ends)."""
+class GroupSearchError(CompactionError):
+    """Torch-Pruning could not say which layers are coupled with a layer's units: its search
+    failed inside (a bidirectional GRU consumer), or did not settle, meeting the same layers
+    with new index sets (grouped-query attention's ``repeat_kv``, VainF/Torch-Pruning#527,
+    where it never ends). Compact then computes that layer's live units only and scatters
+    them back to full width (exact), as for a residual stream."""
+
+
+class _Runaway(Exception):
+    pass
 
 
 #: A coupled group holds each graph node a few times at most (once per index set reaching
@@ -744,20 +761,26 @@ class RunawayGroup(CompactionError):
 GROUP_ENTRIES_PER_NODE = 8
 
 
-def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]):
-    """``dg.get_pruning_group`` for output units ``idxs`` of ``module``, bounded: raises
-    :class:`RunawayGroup` instead of searching for ever."""
+def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int], name: str):
+    """``dg.get_pruning_group`` for output units ``idxs`` of ``module`` (called ``name``),
+    bounded: raises :class:`GroupSearchError` instead of searching for ever or failing inside."""
     limit = GROUP_ENTRIES_PER_NODE * len(dg.module2node) + 64
 
     class Bounded(tp.dependency.group.Group):
         def add_dep(self, dep, idxs) -> None:
             if len(self._group) >= limit:
-                raise RunawayGroup(f"Torch-Pruning's search for the layers coupled with "
-                                   f"{type(module).__name__} passed {limit} entries")
+                raise _Runaway
             super().add_dep(dep, idxs)
 
-    with mock.patch.object(tp.dependency.graph, "Group", Bounded):
-        return dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
+    try:
+        with mock.patch.object(tp.dependency.graph, "Group", Bounded), _quiet_shape_inference():
+            return dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
+    except _Runaway:
+        why = f"its search passed {limit} entries without settling"
+        cause = None
+    except Exception as exc:
+        why, cause = f"it failed ({type(exc).__name__})", exc
+    raise GroupSearchError(f"Torch-Pruning could not find the layers coupled with {name!r}: {why}") from cause
 
 
 def _group(dg: tp.DependencyGraph, module: nn.Module, name: str, idxs: list[int]):
@@ -771,13 +794,7 @@ def _group(dg: tp.DependencyGraph, module: nn.Module, name: str, idxs: list[int]
             f"layer {name!r} was not reached by example_inputs; compact traces the model on them, "
             "so they must run every gated layer (pass inputs that take every branch, or detach "
             "the gates of layers they do not use)")
-    try:
-        return pruning_group(dg, module, idxs)
-    except RunawayGroup:
-        raise
-    except Exception as exc:
-        raise CompactionError(f"Torch-Pruning could not find the layers coupled with {name!r} "
-                              f"({type(exc).__name__})") from exc
+    return pruning_group(dg, module, idxs, name)
 
 
 def _prune(group, layer: _Gated, names: dict[int, str]) -> None:
@@ -859,7 +876,7 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
         try:
             consumers = _consumers(dg, _group(dg, layer.producer, layer.name, layer.dead), layer, frozen,
                                    shared.get(id(layer.producer), frozenset()))
-        except RunawayGroup:
+        except GroupSearchError:
             consumers = None  # its coupled layers are unknown: computed narrow, scattered back
         if consumers is None or layer.name in scatter:
             stream.append(layer)

@@ -25,12 +25,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from zoo_checks import assert_no_dam_state, assert_save_load_round_trip
 
 import torchdam as dam
 from torchdam.attention import heads_of
-from torchdam.budget import WidthModel, _beta_for, live_counts
+from torchdam.budget import TOLERANCE, WidthModel, _beta_for, live_counts
 from torchdam.compact import ScatterUnits, call, compared_outputs
+from torchdam.train import TrainConfig, Trainer
 
 T = pytest.importorskip("transformers")
 
@@ -274,3 +276,26 @@ def test_budget_width_model_prices_what_compact_gives(name):
     live = live_counts(model)
     for metric in ("flops", "params"):
         assert abs(float(wm.cost(live, metric)) - real[metric]) < 0.5, (metric, float(wm.cost(live, metric)), real)
+
+
+def test_trainer_reaches_a_flops_target_on_mistral():
+    """``TrainConfig(target_flops=1/3)`` on a grouped-query-attention model the library has
+    no rule for by name: heads and gated-MLP units priced and removed, target within +-3%."""
+    torch.manual_seed(0)
+    model = T.MistralForSequenceClassification(T.MistralConfig(
+        vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0, **INIT))
+    dam.attach(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (256, SEQ), generator=gen)
+    labels = torch.randn(VOCAB, 3, generator=gen)[ids].sum(1).argmax(-1)  # a labelling it can learn
+    trainer = Trainer(model, TrainConfig(epochs=2, batch_size=16, lr=1e-3, progress=False, target_flops=1 / 3),
+                      forward_fn=lambda net, batch: (net(input_ids=batch[0]).logits, batch[1]))
+    trainer.fit(DataLoader(TensorDataset(ids, labels), batch_size=16, shuffle=True))
+    assert all(live < total for live, total in dam.widths(model).values())
+    with torch.no_grad():
+        small = dam.compact(model, {"input_ids": ids[:4]})
+    one = {"input_ids": ids[:1]}
+    got = dam.count(small, one)["flops"] / dam.count(model, one)["flops"]
+    assert 1 - TOLERANCE <= got * 3 <= 1 + TOLERANCE, (got, dam.widths(model))
+    assert trainer.budget.summary(got)["ok"]

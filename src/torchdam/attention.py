@@ -505,11 +505,11 @@ def _splits_heads_by_width(cls: type) -> bool:
 
 def standard_hf_heads(module: nn.Module) -> SplitHeads | None:
     """The head layout of a Hugging Face attention module not listed in :data:`HF_ATTENTION`
-    that has separate ``nn.Linear`` q/k/v/output projections (:data:`HF_PROJECTION_NAMES`), an
-    integer ``head_dim``, no other tensors than per-``head_dim`` ones (Qwen3's q/k norms; any
-    other may be per head) and the standard forward (:func:`_splits_heads_by_width`): the families built on Llama's
-    attention, BART's and CLIP's. Its head-count attributes, where it keeps them, are
-    updated on removal. None for anything else."""
+    that has separate ``nn.Linear`` q/k/v/output projections (:data:`HF_PROJECTION_NAMES`),
+    an integer ``head_dim``, no other tensors than per-``head_dim`` ones (Qwen3's q/k norms;
+    any other may be per head) and the standard forward (:func:`_splits_heads_by_width`):
+    the families built on Llama's attention, BART's and CLIP's. Its head-count attributes,
+    where it keeps them, are updated on removal. None for anything else."""
     cls = type(module)
     if not cls.__module__.startswith("transformers.models.") or not isinstance(getattr(module, "head_dim", None), int):
         return None

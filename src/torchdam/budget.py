@@ -333,7 +333,7 @@ class WidthModel:
             by_module[id(layers[i].producer)] = by_module[id(layers[i].host)] = layers[i]
         index = {id(layer): i for i, layer in layers.items()}
         for i, (producer, host, n) in producers.items():
-            group = groups.get(i)  # None: its search ran away (scattered, its own width only)
+            group = groups.get(i)  # None: Torch-Pruning's search failed (scattered, its own width only)
             if i not in stream:
                 for dep, idxs in group:
                     if traced(dep):

@@ -21,8 +21,10 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
    :class:`ScatterUnits`, which writes the live channels back into a zero tensor of the
    stream's width. The same happens when the zeros would pass through a BatchNorm before
    a consumer that cannot take the resulting constant in its bias (pre-activation: BN turns
-   them into its bias before a padded 3x3 conv) and for a gated layer whose units are the
-   model's output.
+   them into its bias before a padded 3x3 conv), for a gated layer whose units are the
+   model's output, and where Torch-Pruning cannot find the coupled layers
+   (:class:`GroupSearchError`: a bidirectional GRU consumer, grouped-query attention's
+   ``repeat_kv``).
 4. **Narrow streams** (``narrow_streams=True``): a stream channel that *every* producer of
    the stream leaves dead (post-activation ResNets: each block's gated ``bn2`` and gated
    shortcut) is zero all along the stream (``relu(0 + 0) = 0``), so it is removed from the

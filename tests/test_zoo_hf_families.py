@@ -92,10 +92,10 @@ FAMILIES = [
     # encoders
     Family("distilbert", lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
         vocab_size=VOCAB, dim=H, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN, max_position_embeddings=16,
-        **INIT)), text, 0),
+        **INIT)), text, 2),
     Family("roberta", lambda: T.RobertaForSequenceClassification(T.RobertaConfig(
         vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=FFN, max_position_embeddings=20, pad_token_id=1, **INIT)), text, 0),
+        intermediate_size=FFN, max_position_embeddings=20, pad_token_id=1, **INIT)), text, 2),
     # encoder-decoders: self- and cross-attention
     Family("t5", lambda: T.T5ForConditionalGeneration(T.T5Config(
         vocab_size=VOCAB, d_model=H, d_kv=8, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
@@ -212,7 +212,7 @@ def test_standard_attention_heads_are_the_units_and_leave(name):
             assert not isinstance(getattr(proj, "dam_gate", None), nn.Module)  # never gated as layers
 
 
-@pytest.mark.parametrize("name", ["mistral", "bart", "swin", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "swin", "gpt_oss"])
 def test_compacted_family_saves_and_loads_exactly(name, tmp_path):
     c = compacted(name)
     assert_save_load_round_trip(c.small, c.fresh, tmp_path / name)
@@ -254,7 +254,7 @@ def test_scattered_layer_reads_like_the_layer_it_replaced():
         getattr(wrapped, "no_such_attribute")  # noqa: B009
 
 
-@pytest.mark.parametrize("name", ["mistral", "bart", "swin", "bloom", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "swin", "bloom", "gpt_oss"])
 def test_budget_width_model_prices_what_compact_gives(name):
     """``--target-flops`` rests on the width model: its price of a set of widths must be
     what ``count(compact(model))`` measures, on these families too."""

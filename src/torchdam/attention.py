@@ -18,9 +18,9 @@ What :func:`torchdam.attach` gates in a transformer by default (``heads=True``):
   and ``up_proj`` share its units and ``down_proj``'s inputs follow them.
 * **Not gated by type** (:data:`NOT_GATED`): layers that write the residual stream (FFN output
   projections, ViT's patch embedding) or share another layer's units (Llama's
-  ``gate_proj``), and in any HF family ``gate_proj``/``down_proj`` of a gated MLP and ``fc2``
-  after ``fc1`` (:data:`HF_GATED_MLP`, :data:`HF_PLAIN_MLP`). Name them in ``layers`` to gate
-  them anyway.
+  ``gate_proj``), and in any HF family ``gate_proj``/``down_proj`` of a gated MLP and the
+  second layer of a two-layer FFN (:data:`HF_GATED_MLP`, :data:`HF_PLAIN_MLPS`). Name them in
+  ``layers`` to gate them anyway.
 
 Fused kernels that read weights directly would skip gates: ``nn.MultiheadAttention`` gets a
 forward that applies its gate (the module's general path, with the gated output
@@ -141,6 +141,15 @@ def _sub(module: nn.Module, path: str) -> nn.Module:
 def _get(module: nn.Module, path: str):
     owner, _, attr = path.rpartition(".")
     return getattr(_sub(module, owner), attr)
+
+
+def _linear_at(module: nn.Module, path: str) -> nn.Linear | None:
+    """The plain ``nn.Linear`` at ``path`` under ``module``, or None."""
+    try:
+        found = module.get_submodule(path)
+    except AttributeError:
+        return None
+    return found if type(found) is nn.Linear else None
 
 
 def _set(module: nn.Module, path: str, value) -> None:
@@ -429,23 +438,25 @@ SHARED_UNITS: list[tuple[str, str, str, tuple[str, ...]]] = [
 
 
 #: Children of Hugging Face modules recognised by their names alone (any family):
-#: ``down(act(gate_proj(x)) * up_proj(x))`` (Llama's MLP, copied by most decoder LMs) and a
-#: block's ``fc2`` after ``fc1`` (BART, Whisper, CLIP, Phi, ...), whose output is the stream.
+#: ``down(act(gate_proj(x)) * up_proj(x))`` (Llama's MLP, copied by most decoder LMs), and the
+#: second layer of a two-layer FFN, whose output is the residual stream.
 HF_GATED_MLP = ("gate_proj", "up_proj", "down_proj")
-HF_PLAIN_MLP = ("fc1", "fc2")
+HF_PLAIN_MLPS: tuple[tuple[str, str], ...] = (
+    ("fc1", "fc2"),                                # BART, Whisper, CLIP, Phi, ViT, ...
+    ("lin1", "lin2"),                              # DistilBERT
+    ("intermediate.dense", "output.dense"),        # BERT's copies (RoBERTa, XLM-R, ELECTRA)
+)
 
 
 def _linear_children(module: nn.Module, names: tuple[str, ...]) -> bool:
     return type(module).__module__.startswith("transformers.models.") and all(
-        isinstance(getattr(module, n, None), nn.Linear) for n in names)
+        _linear_at(module, n) is not None for n in names)
 
 
 def _standard_not_gated(module: nn.Module) -> tuple[str, ...]:
     if _linear_children(module, HF_GATED_MLP):
         return ("gate_proj", "down_proj")
-    if _linear_children(module, HF_PLAIN_MLP):
-        return ("fc2",)
-    return ()
+    return next(((second,) for first, second in HF_PLAIN_MLPS if _linear_children(module, (first, second))), ())
 
 
 def shared_units(model: nn.Module) -> dict[int, frozenset[int]]:
@@ -487,50 +498,58 @@ HF_PROJECTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),    # Llama, Mistral, Qwen, Gemma, Mixtral, OLMo, ...
     ("q_proj", "k_proj", "v_proj", "out_proj"),  # BART, Whisper, CLIP, SigLIP, M2M100, ...
     ("q_proj", "k_proj", "v_proj", "dense"),     # Phi
+    ("q_lin", "k_lin", "v_lin", "out_lin"),      # DistilBERT
 )
-#: How such a module's forward splits heads: from the projection width, by ``head_dim``.
-_HEADS_FROM_WIDTH = ", -1, self.head_dim)"
+#: BERT's copies (RoBERTa, XLM-R, ELECTRA, ...): q/k/v in a ``self`` child, the output
+#: projection in an ``output`` child.
+HF_NESTED_PROJECTIONS = ("self.query", "self.key", "self.value", "output.dense")
+#: Attributes holding the head size, as the standard forward names them.
+HF_HEAD_SIZE = ("head_dim", "attention_head_size")
 
 
 @functools.cache
-def _splits_heads_by_width(cls: type) -> bool:
-    """Whether ``cls.forward`` reshapes its projections as ``(*input_shape, -1, self.head_dim)``
+def _splits_heads_by_width(cls: type, head_size: str) -> bool:
+    """Whether ``cls.forward`` reshapes its projections as ``(*input_shape, -1, self.<head_size>)``
     (Hugging Face's standard attention since v4.48): its head counts then follow the
     projections, so removing heads needs no other change."""
     try:
-        return _HEADS_FROM_WIDTH in inspect.getsource(cls.forward)
+        return f", -1, self.{head_size})" in inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
 
 
 def standard_hf_heads(module: nn.Module) -> SplitHeads | None:
     """The head layout of a Hugging Face attention module not listed in :data:`HF_ATTENTION`
-    that has separate ``nn.Linear`` q/k/v/output projections (:data:`HF_PROJECTION_NAMES`),
-    an integer ``head_dim``, no other tensors than per-``head_dim`` ones (Qwen3's q/k norms;
-    any other may be per head) and the standard forward (:func:`_splits_heads_by_width`):
-    the families built on Llama's attention, BART's and CLIP's. Its head-count attributes,
-    where it keeps them, are updated on removal. None for anything else."""
-    cls = type(module)
-    if not cls.__module__.startswith("transformers.models.") or not isinstance(getattr(module, "head_dim", None), int):
+    whose heads can be removed without knowing its family: separate ``nn.Linear`` q/k/v/output
+    projections (:data:`HF_PROJECTION_NAMES`, or BERT's copies, :data:`HF_NESTED_PROJECTIONS`),
+    an integer head size (:data:`HF_HEAD_SIZE`), the standard forward
+    (:func:`_splits_heads_by_width`) and, where the heads are computed, no tensor other than
+    per-head-size ones (Qwen3's q/k norms; any other may be per head: Swin's position bias,
+    attention sinks). Its head-count attributes, where it keeps them, are updated on removal.
+    The families built on Llama's, BART's, CLIP's and BERT's attention; None for anything else."""
+    if not type(module).__module__.startswith("transformers.models."):
         return None
-    children = dict(module.named_children())
-    names = next((n for n in HF_PROJECTION_NAMES if all(type(children.get(c)) is nn.Linear for c in n)), None)
-    if names is None or not _splits_heads_by_width(cls):
+    nested = isinstance(getattr(module, "self", None), nn.Module)
+    inner, prefix = (module.get_submodule("self"), "self.") if nested else (module, "")
+    candidates = (HF_NESTED_PROJECTIONS,) if nested else HF_PROJECTION_NAMES
+    names = next((n for n in candidates if all(_linear_at(module, p) is not None for p in n)), None)
+    size = next((a for a in HF_HEAD_SIZE if isinstance(getattr(inner, a, None), int)), None)
+    if names is None or size is None or not _splits_heads_by_width(type(inner), size):
         return None
-    d = module.head_dim
-    ours = [children[c] for c in (*names, GATE_ATTR) if c in children]  # the projections, its DAM gate
-    projections = {id(t) for c in ours for t in [*c.parameters(), *c.buffers()]}
-    others = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in projections]
-    if any(tuple(t.shape) != (d,) for t in others):
-        return None  # a tensor that may be per head (Swin's position bias, attention sinks)
-    q, k, v, o = (children[c] for c in names)
+    d = getattr(inner, size)
+    q, k, v, o = (_linear_at(module, p) for p in names)
+    ours = [q, k, v, o, getattr(inner, GATE_ATTR, None), getattr(module, GATE_ATTR, None)]
+    owned = {id(t) for c in ours if isinstance(c, nn.Module) for t in [*c.parameters(), *c.buffers()]}
+    if any(tuple(t.shape) != (d,) for t in [*inner.parameters(), *inner.buffers()] if id(t) not in owned):
+        return None
     heads, kv = q.out_features // d, k.out_features // d
     if (q.out_features % d or k.out_features % d or v.out_features != k.out_features or kv == 0
             or heads % kv or o.in_features != q.out_features):
         return None
-    counts = {a: fn for a, fn in (("num_heads", _heads), ("num_attention_heads", _heads),
-                                  ("num_key_value_heads", _kv_heads)) if isinstance(getattr(module, a, None), int)}
-    return SplitHeads(*names, "head_dim", counts)
+    counts = {prefix + a: fn for a, fn in (("num_heads", _heads), ("num_attention_heads", _heads),
+                                           ("num_key_value_heads", _kv_heads), ("all_head_size", _head_width))
+              if isinstance(getattr(inner, a, None), int)}
+    return SplitHeads(*names, prefix + size, counts)
 
 
 def heads_of(module: nn.Module) -> Heads | None:

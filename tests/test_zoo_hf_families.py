@@ -82,7 +82,7 @@ FAMILIES = [
                                  num_local_experts=4, num_experts_per_tok=2), text, 0),
     Family("gpt_neox", lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, max_position_embeddings=16, **INIT)), text, 0),
+        num_attention_heads=HEADS, max_position_embeddings=16, **INIT)), text, 2),  # interleaved q/k/v
     Family("bloom", lambda: T.BloomForCausalLM(T.BloomConfig(
         vocab_size=VOCAB, hidden_size=H, n_layer=LAYERS, n_head=HEADS, **INIT)), text, 0),
     # heads split with self.num_heads: not standard
@@ -212,7 +212,7 @@ def test_standard_attention_heads_are_the_units_and_leave(name):
             assert not isinstance(getattr(proj, "dam_gate", None), nn.Module)  # never gated as layers
 
 
-@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "swin", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "gpt_neox", "swin", "gpt_oss"])
 def test_compacted_family_saves_and_loads_exactly(name, tmp_path):
     c = compacted(name)
     assert_save_load_round_trip(c.small, c.fresh, tmp_path / name)
@@ -254,7 +254,7 @@ def test_scattered_layer_reads_like_the_layer_it_replaced():
         getattr(wrapped, "no_such_attribute")  # noqa: B009
 
 
-@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "swin", "bloom", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "gpt_neox", "swin", "bloom", "gpt_oss"])
 def test_budget_width_model_prices_what_compact_gives(name):
     """``--target-flops`` rests on the width model: its price of a set of widths must be
     what ``count(compact(model))`` measures, on these families too."""

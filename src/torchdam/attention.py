@@ -143,13 +143,14 @@ def _get(module: nn.Module, path: str):
     return getattr(_sub(module, owner), attr)
 
 
-def _linear_at(module: nn.Module, path: str) -> nn.Linear | None:
-    """The plain ``nn.Linear`` at ``path`` under ``module``, or None."""
+def _linear_at(module: nn.Module, path: str, exact: bool = True) -> nn.Linear | None:
+    """The ``nn.Linear`` at ``path`` under ``module`` (``exact``: not a subclass, which may
+    compute differently), or None."""
     try:
         found = module.get_submodule(path)
     except AttributeError:
         return None
-    return found if type(found) is nn.Linear else None
+    return found if type(found) is nn.Linear or not exact and isinstance(found, nn.Linear) else None
 
 
 def _set(module: nn.Module, path: str, value) -> None:
@@ -316,6 +317,34 @@ class SplitHeads(Heads):
         return None
 
 
+@dataclass
+class InterleavedHeads(Heads):
+    """q, k, v packed in one ``nn.Linear`` head by head (``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``,
+    each ``head_dim`` wide), heads concatenated at the output projection: GPT-NeoX (Pythia).
+    The forward must split heads from the width (``(*input_shape, -1, 3 * head_dim)``)."""
+
+    qkv: str
+    o: str
+    head_dim: str
+
+    def layout(self, m: nn.Module) -> tuple[int, int, int]:
+        d = int(_get(m, self.head_dim))
+        return _out_width(_sub(m, self.qkv)) // (3 * d), 1, d
+
+    def out_projection(self, m: nn.Module) -> nn.Module:
+        return _sub(m, self.o)
+
+    def projections(self, m: nn.Module) -> list[nn.Module]:
+        return [_sub(m, self.qkv), _sub(m, self.o)]
+
+    def cuts(self, m: nn.Module) -> list[HeadCut]:
+        _, _, d = self.layout(m)
+        return [HeadCut(_sub(m, self.qkv), "out", 3 * d), HeadCut(_sub(m, self.o), "in", d)]
+
+    def remove(self, m: nn.Module, keep: list[int]) -> None:
+        self._remove_cuts(m, keep)
+
+
 class GPT2Heads(Heads):
     """GPT-2: q, k, v packed in one ``Conv1D`` ``c_attn`` (``[q | k | v]``, each
     ``split_size`` wide; cross-attention: ``q_attn`` and ``c_attn = [k | v]``), output ``c_proj``.
@@ -445,12 +474,13 @@ HF_PLAIN_MLPS: tuple[tuple[str, str], ...] = (
     ("fc1", "fc2"),                                # BART, Whisper, CLIP, Phi, ViT, ...
     ("lin1", "lin2"),                              # DistilBERT
     ("intermediate.dense", "output.dense"),        # BERT's copies (RoBERTa, XLM-R, ELECTRA)
+    ("dense_h_to_4h", "dense_4h_to_h"),            # GPT-NeoX, Falcon, Bloom
 )
 
 
 def _linear_children(module: nn.Module, names: tuple[str, ...]) -> bool:
     return type(module).__module__.startswith("transformers.models.") and all(
-        _linear_at(module, n) is not None for n in names)
+        _linear_at(module, n, exact=False) is not None for n in names)
 
 
 def _standard_not_gated(module: nn.Module) -> tuple[str, ...]:
@@ -509,16 +539,26 @@ HF_HEAD_SIZE = ("head_dim", "attention_head_size")
 
 @functools.cache
 def _splits_heads_by_width(cls: type, head_size: str) -> bool:
-    """Whether ``cls.forward`` reshapes its projections as ``(*input_shape, -1, self.<head_size>)``
-    (Hugging Face's standard attention since v4.48): its head counts then follow the
-    projections, so removing heads needs no other change."""
+    """Whether ``cls.forward`` reshapes its projections as ``(*input_shape, -1, <head_size>)``
+    (e.g. ``self.head_dim``; Hugging Face's standard attention since v4.48): its head counts
+    then follow the projections, so removing heads needs no other change."""
+    size = head_size if " " in head_size else f"self.{head_size}"
     try:
-        return f", -1, self.{head_size})" in inspect.getsource(cls.forward)
+        return f", -1, {size})" in inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
 
 
-def standard_hf_heads(module: nn.Module) -> SplitHeads | None:
+def _per_head_tensors(module: nn.Module, known: list, head_dim: int) -> bool:
+    """Whether ``module`` holds a tensor, outside ``known`` layers and its DAM gate, other
+    than a per-``head_dim`` one (Qwen3's q/k norms): it may be per head (Swin's position
+    bias, attention sinks), and would not shrink with the heads."""
+    ours = [*known, getattr(module, GATE_ATTR, None)]
+    owned = {id(t) for c in ours if isinstance(c, nn.Module) for t in [*c.parameters(), *c.buffers()]}
+    return any(tuple(t.shape) != (head_dim,) for t in [*module.parameters(), *module.buffers()] if id(t) not in owned)
+
+
+def standard_hf_heads(module: nn.Module) -> Heads | None:
     """The head layout of a Hugging Face attention module not listed in :data:`HF_ATTENTION`
     whose heads can be removed without knowing its family: separate ``nn.Linear`` q/k/v/output
     projections (:data:`HF_PROJECTION_NAMES`, or BERT's copies, :data:`HF_NESTED_PROJECTIONS`),
@@ -526,8 +566,17 @@ def standard_hf_heads(module: nn.Module) -> SplitHeads | None:
     (:func:`_splits_heads_by_width`) and, where the heads are computed, no tensor other than
     per-head-size ones (Qwen3's q/k norms; any other may be per head: Swin's position bias,
     attention sinks). Its head-count attributes, where it keeps them, are updated on removal.
-    The families built on Llama's, BART's, CLIP's and BERT's attention; None for anything else."""
+    The families built on Llama's, BART's, CLIP's and BERT's attention; also GPT-NeoX's q/k/v
+    packed head by head (:class:`InterleavedHeads`). None for anything else."""
     if not type(module).__module__.startswith("transformers.models."):
+        return None
+    qkv, o, size = (_linear_at(module, "query_key_value"), _linear_at(module, "dense"),
+                    getattr(module, "head_size", None))
+    if qkv is not None and o is not None and isinstance(size, int):  # GPT-NeoX's interleaved q/k/v
+        fits = qkv.out_features % (3 * size) == 0 and o.in_features * 3 == qkv.out_features
+        if fits and _splits_heads_by_width(type(module), "3 * self.head_size") and not _per_head_tensors(
+                module, [qkv, o], size):
+            return InterleavedHeads("query_key_value", "dense", "head_size")
         return None
     nested = isinstance(getattr(module, "self", None), nn.Module)
     inner, prefix = (module.get_submodule("self"), "self.") if nested else (module, "")
@@ -538,9 +587,7 @@ def standard_hf_heads(module: nn.Module) -> SplitHeads | None:
         return None
     d = getattr(inner, size)
     q, k, v, o = (_linear_at(module, p) for p in names)
-    ours = [q, k, v, o, getattr(inner, GATE_ATTR, None), getattr(module, GATE_ATTR, None)]
-    owned = {id(t) for c in ours if isinstance(c, nn.Module) for t in [*c.parameters(), *c.buffers()]}
-    if any(tuple(t.shape) != (d,) for t in [*inner.parameters(), *inner.buffers()] if id(t) not in owned):
+    if _per_head_tensors(inner, [q, k, v, o, getattr(module, GATE_ATTR, None)], d):
         return None
     heads, kv = q.out_features // d, k.out_features // d
     if (q.out_features % d or k.out_features % d or v.out_features != k.out_features or kv == 0

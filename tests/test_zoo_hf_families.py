@@ -299,3 +299,54 @@ def test_trainer_reaches_a_flops_target_on_mistral():
     got = dam.count(small, one)["flops"] / dam.count(model, one)["flops"]
     assert 1 - TOLERANCE <= got * 3 <= 1 + TOLERANCE, (got, dam.widths(model))
     assert trainer.budget.summary(got)["ok"]
+
+
+class PerHeadScaleAttention(nn.Module):
+    """Looks like HF's standard attention (q/k/v/o Linears, ``head_dim``, heads split by
+    width) but scales each head by a factor it derives from its config's head count: a per
+    head quantity torchdam cannot see, so removing heads changes its outputs."""
+
+    def __init__(self, dim: int = H, heads: int = HEADS) -> None:
+        super().__init__()
+        self.head_dim, self.config_heads = dim // heads, heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        hidden_shape = (*x.shape[:-1], -1, self.head_dim)
+        q, k, v = (p(x).view(hidden_shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)
+        n = y.shape[1]
+        scale = torch.arange(1, self.config_heads + 1, dtype=y.dtype)[:n].view(1, n, 1, 1)  # per head
+        return self.o_proj((y * scale).transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+PerHeadScaleAttention.__module__ = "transformers.models.fake.modeling_fake"  # taken for an HF module
+
+
+class PerHeadScaleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.mlp, self.head = PerHeadScaleAttention(), nn.Linear(H, FFN), nn.Linear(FFN, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.mlp(x + self.attn(x)))).mean(1)
+
+
+def test_heads_whose_removal_changes_the_outputs_are_kept_with_a_warning_naming_them():
+    """A wrongly recognised head layout must not fail compact after training: the module
+    keeps its heads (dead ones output zero, as gated), said in one warning naming it."""
+    torch.manual_seed(0)
+    model = PerHeadScaleNet().eval()
+    gates = dam.attach(model)
+    assert heads_of(model.attn) is not None and "attn" in gates  # taken for standard attention
+    with torch.no_grad():
+        for g in gates.values():
+            g.beta.fill_(-2.0)
+    x, fresh = torch.randn(2, SEQ, H), torch.randn(3, SEQ, H)
+    with pytest.warns(UserWarning, match=r"kept every head of 'attn'"), torch.no_grad():
+        small = dam.compact(model, x)
+    assert small.attn.q_proj.out_features == H  # heads kept
+    assert small.mlp.out_features == dam.widths(model)["mlp"][0] < FFN  # units still removed
+    with torch.no_grad():
+        assert torch.allclose(small(fresh), model(fresh), atol=1e-5)

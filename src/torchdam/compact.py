@@ -39,8 +39,9 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
    and its head counts updated (local to the module, no graph needed).
 
 Finally the compacted copy is checked against the gated model on ``example_inputs``; if it
-differs, the gated layers whose removal alone is not exact are scattered back as in step 3
-(:func:`_rescue`). Per-layer rules live in small tables (:data:`FOLDERS`,
+differs, attention modules whose head removal is at fault keep their heads (with a warning
+naming them), else the gated layers whose removal alone is not exact are scattered back as
+in step 3 (:func:`_rescue`). Per-layer rules live in small tables (:data:`FOLDERS`,
 :data:`TP_PRUNERS`) that users can extend.
 """
 from __future__ import annotations
@@ -661,6 +662,9 @@ def _rescue(source: nn.Module, example_inputs, reference: list[Tensor], rtol: fl
     be removed exactly and compacts again with those computed only where live and
     scattered back to full width (exact: their dead units are zeros at the gate). Raises,
     naming them, if that is still not exact."""
+    kept = _keep_failing_heads(source, example_inputs, reference, rtol, min_width)
+    if kept is not None:
+        return kept
     culprits = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -687,6 +691,42 @@ def _rescue(source: nn.Module, example_inputs, reference: list[Tensor], rtol: fl
         raise CompactionError(
             f"removing the dead units of gated layer(s) {', '.join(map(repr, sorted(culprits)))} changes the "
             f"model's outputs, even when they are scattered back to full width: {exc}") from exc
+    return small
+
+
+def _keep_failing_heads(source: nn.Module, example_inputs, reference: list[Tensor], rtol: float | None,
+                        min_width: int) -> nn.Module | None:
+    """When removing dead heads is what changes the outputs (an attention module whose layout
+    is not the one its :class:`~torchdam.attention.Heads` assumes: something else in it is
+    per head), the compacted copy keeping every head of the modules at fault (their dead
+    heads output zero, folded, as in the gated model), with a warning naming them; None when
+    keeping heads does not help."""
+    names = frozenset(n for n, _ in named_gates(source) if attention.heads_of(source.get_submodule(n)) is not None)
+    if not names:
+        return None
+
+    def exact(keep: frozenset[str]) -> nn.Module | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                small, _ = _compacted_copy(source, example_inputs, min_width, False, keep_heads=keep)
+                check_equivalent(small, reference, example_inputs, rtol)
+        except CompactionError:
+            return None
+        return small
+
+    if exact(names) is None:
+        return None
+    culprits = frozenset(n for n in sorted(names) if exact(names - {n}) is None) or names
+    small = exact(culprits)
+    if small is None:
+        culprits = names
+        small = exact(names)
+    warnings.warn(
+        f"compact kept every head of {', '.join(map(repr, sorted(culprits)))}: removing their dead heads "
+        "changed the outputs (the module holds something per head that torchdam does not know of); the dead "
+        "heads output zero, as in the gated model. torchdam.attention.register_attention describes its heads",
+        stacklevel=4)
     return small
 
 
@@ -842,10 +882,12 @@ def _bad_fold(source: nn.Module, folded: nn.Module, example_inputs, rtol: float 
 
 
 def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_streams: bool,
-                    only: str | None = None, scatter: frozenset[str] = frozenset()) -> tuple[nn.Module, bool]:
+                    only: str | None = None, scatter: frozenset[str] = frozenset(),
+                    keep_heads: frozenset[str] = frozenset()) -> tuple[nn.Module, bool]:
     """The compacted copy of ``source`` (unchecked), and whether a stream was narrowed
     (``only``: remove the dead units of that gated layer alone; ``scatter``: gated layers
-    to scatter back to full width whatever their consumers)."""
+    to scatter back to full width whatever their consumers; ``keep_heads``: attention
+    modules whose head gates are folded but whose dead heads stay)."""
     try:
         small = copy.deepcopy(source).eval()
     except Exception as exc:
@@ -853,7 +895,7 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     tied = _tied(small)
     with torch.no_grad():
-        heads = attention.take_head_gates(small, min_width)
+        heads = [h for h in attention.take_head_gates(small, min_width) if h.name not in keep_heads]
         gated = _collect(small, min_width, tied, only)
     attention.keep_nested_tensors_off(small)
     detach(small)

@@ -85,10 +85,10 @@ FAMILIES = [
         num_attention_heads=HEADS, max_position_embeddings=16, **INIT)), text, 2),  # interleaved q/k/v
     Family("bloom", lambda: T.BloomForCausalLM(T.BloomConfig(
         vocab_size=VOCAB, hidden_size=H, n_layer=LAYERS, n_head=HEADS, **INIT)), text, 0),
-    # heads split with self.num_heads: not standard
+    # heads split with self.num_heads, which compact updates
     Family("opt", lambda: T.OPTForCausalLM(T.OPTConfig(
         vocab_size=VOCAB, hidden_size=H, ffn_dim=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        max_position_embeddings=16, word_embed_proj_dim=H, **INIT)), text, 0),
+        max_position_embeddings=16, word_embed_proj_dim=H, **INIT)), text, 2),
     # encoders
     Family("distilbert", lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
         vocab_size=VOCAB, dim=H, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN, max_position_embeddings=16,
@@ -254,7 +254,7 @@ def test_scattered_layer_reads_like_the_layer_it_replaced():
         getattr(wrapped, "no_such_attribute")  # noqa: B009
 
 
-@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "gpt_neox", "swin", "bloom", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "gpt_neox", "opt", "swin", "bloom", "gpt_oss"])
 def test_budget_width_model_prices_what_compact_gives(name):
     """``--target-flops`` rests on the width model: its price of a set of widths must be
     what ``count(compact(model))`` measures, on these families too."""

@@ -538,15 +538,17 @@ HF_HEAD_SIZE = ("head_dim", "attention_head_size")
 
 
 @functools.cache
-def _splits_heads_by_width(cls: type, head_size: str) -> bool:
+def _splits_heads_by_width(cls: type, head_size: str, by_count: bool = False) -> bool:
     """Whether ``cls.forward`` reshapes its projections as ``(*input_shape, -1, <head_size>)``
     (e.g. ``self.head_dim``; Hugging Face's standard attention since v4.48): its head counts
-    then follow the projections, so removing heads needs no other change."""
+    then follow the projections, so removing heads needs no other change. ``by_count``: or as
+    ``(..., self.num_heads, <head_size>)`` (OPT), which works once ``num_heads`` is updated."""
     size = head_size if " " in head_size else f"self.{head_size}"
     try:
-        return f", -1, {size})" in inspect.getsource(cls.forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
+    return f", -1, {size})" in source or by_count and f", self.num_heads, {size})" in source
 
 
 def _per_head_tensors(module: nn.Module, known: list, head_dim: int) -> bool:
@@ -583,7 +585,8 @@ def standard_hf_heads(module: nn.Module) -> Heads | None:
     candidates = (HF_NESTED_PROJECTIONS,) if nested else HF_PROJECTION_NAMES
     names = next((n for n in candidates if all(_linear_at(module, p) is not None for p in n)), None)
     size = next((a for a in HF_HEAD_SIZE if isinstance(getattr(inner, a, None), int)), None)
-    if names is None or size is None or not _splits_heads_by_width(type(inner), size):
+    by_count = isinstance(getattr(inner, "num_heads", None), int)  # updated on removal
+    if names is None or size is None or not _splits_heads_by_width(type(inner), size, by_count):
         return None
     d = getattr(inner, size)
     q, k, v, o = (_linear_at(module, p) for p in names)

@@ -478,9 +478,13 @@ HF_PLAIN_MLPS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _from_transformers(module: nn.Module) -> bool:
+    """Whether ``module``'s class is Hugging Face model code (its structural rules apply)."""
+    return type(module).__module__.startswith("transformers.models.")
+
+
 def _linear_children(module: nn.Module, names: tuple[str, ...]) -> bool:
-    return type(module).__module__.startswith("transformers.models.") and all(
-        _linear_at(module, n, exact=False) is not None for n in names)
+    return _from_transformers(module) and all(_linear_at(module, n, exact=False) is not None for n in names)
 
 
 def _standard_not_gated(module: nn.Module) -> tuple[str, ...]:
@@ -570,7 +574,7 @@ def standard_hf_heads(module: nn.Module) -> Heads | None:
     attention sinks). Its head-count attributes, where it keeps them, are updated on removal.
     The families built on Llama's, BART's, CLIP's and BERT's attention; also GPT-NeoX's q/k/v
     packed head by head (:class:`InterleavedHeads`). None for anything else."""
-    if not type(module).__module__.startswith("transformers.models."):
+    if not _from_transformers(module):
         return None
     qkv, o, size = (_linear_at(module, "query_key_value"), _linear_at(module, "dense"),
                     getattr(module, "head_size", None))

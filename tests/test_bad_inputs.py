@@ -173,6 +173,8 @@ API = [
     ("attach twice", lambda: torchdam.attach(mlp()), AttachError, "already has a DAM gate"),
     ("attach unsupported type", lambda: torchdam.attach(nn.Sequential(nn.LSTM(3, 3)), layers=(nn.LSTM,),
                                                         include_output=True), AttachError, "LSTM"),
+    ("attach a TorchScript module", lambda: torchdam.attach(torch.jit.script(nn.Sequential(nn.Linear(3, 3)))),
+     AttachError, "TorchScript module cannot be gated"),
     ("penalty without gates", lambda: torchdam.penalty(nn.Linear(3, 3), 0.1), AttachError, "no DAM gates"),
     ("penalty negative", lambda: torchdam.penalty(mlp(), -1.0), ConfigError, "lambda must be >= 0"),
     ("compact unsupported layer", _unsupported_compaction, UnsupportedLayerError, "Scale"),

@@ -265,7 +265,7 @@ def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str
 
 def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules()
-            if type(m) in UNIT_LAYERS and not isinstance(m, _EXPLICIT_ONLY)]
+            if _unit_rule(type(m)) is not None and not isinstance(m, _EXPLICIT_ONLY)]
 
 
 def _selected_by(name: str, module: nn.Module, selectors: tuple[Selector, ...]) -> str | None:
@@ -303,6 +303,19 @@ class Site:
     kind: str = "units"
 
 
+#: wrappers whose ``.module`` is the user's model (an EMA / SWA average holds a copy of it)
+MODULE_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel, torch.optim.swa_utils.AveragedModel)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile / DDP / DataParallel / AveragedModel wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (model.module if isinstance(model, MODULE_WRAPPERS) else None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def plan(
     model: nn.Module,
     layers: Iterable[Selector] = DEFAULT_LAYERS,
@@ -324,6 +337,10 @@ def plan(
     """
     from torchdam import attention
 
+    model = unwrap(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise AttachError("a TorchScript module cannot be gated (its forward is compiled): attach the "
+                          "nn.Module, then script the compacted model")
     layers, exclude = tuple(layers), tuple(exclude)
     if not layers:
         raise AttachError("attach needs at least one layer type or name in `layers`")
@@ -470,6 +487,7 @@ def attach(
     """
     from torchdam import attention
 
+    model = unwrap(model)  # gate names are the user's module's own, not the wrapper's
     sites = plan(model, layers, exclude, include_output=include_output, after_norm=after_norm, heads=heads)
     if make_gate is None:
         def make_gate(site: Site) -> nn.Module:
@@ -498,11 +516,30 @@ def attach(
     return gates
 
 
+def gate_paths(model: nn.Module, kind: type = DAMGate) -> Iterator[tuple[str, str, nn.Module]]:
+    """``(gated layer name, host name, gate)`` for every gate of type ``kind`` in ``model``
+    (``nn.Module``: any :func:`attach` ``make_gate``), names relative to ``model`` (inside
+    its DDP/compile/EMA wrapper) wherever :func:`attach` was called: on it, or on a part of
+    it (a gated backbone inside a larger model), whose recorded names are re-based onto the
+    path where the gate is found."""
+    for name, module in unwrap(model).named_modules():
+        if not isinstance(module, kind) or (kind is not DAMGate and name.rpartition(".")[2] != GATE_ATTR):
+            continue
+        host = name.rpartition(".")[0]
+        producer = getattr(module, "producer_name", host)
+        recorded = getattr(module, "host_name", host)
+        if host != recorded and (recorded == "" or host.endswith("." + recorded)):
+            prefix = host[: len(host) - len(recorded)] if recorded else host + "."
+            producer = prefix + producer if producer else prefix[:-1]
+        elif host != recorded and producer == recorded:  # moved: the gate sits on its own layer
+            producer = host
+        yield producer, host, module
+
+
 def named_gates(model: nn.Module) -> Iterator[tuple[str, DAMGate]]:
-    """``(gated layer name, gate)`` for every gate in ``model`` (DDP/compile wrappers too)."""
-    for name, module in model.named_modules():
-        if isinstance(module, DAMGate):
-            yield getattr(module, "producer_name", name.rpartition(".")[0]), module
+    """``(gated layer name, gate)`` for every gate in ``model`` (names as in :func:`gate_paths`)."""
+    for producer, _, gate in gate_paths(model):
+        yield producer, gate
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:

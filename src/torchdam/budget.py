@@ -82,7 +82,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from torchdam import attention
-from torchdam.attach import LINEAR_LIKE, detach, named_gates, widths
+from torchdam.attach import LINEAR_LIKE, detach, gate_paths, named_gates, unwrap, widths
 from torchdam.compact import (
     GroupSearchError,
     ScatterUnits,
@@ -97,9 +97,9 @@ from torchdam.compact import (
     _tied,
     as_tuple,
     compact,
+    plain_weights,
     pruning_group,
     run_eval,
-    unwrap,
 )
 from torchdam.count import FlopCounter
 from torchdam.count import count as measure
@@ -176,7 +176,8 @@ class WidthModel:
         self.names = [name for name, _ in gates]
         self.n = torch.tensor([g.n for _, g in gates], dtype=torch.float64)
         work = copy.deepcopy(source).eval()
-        info = [(g.producer_name, g.host_name, g.n) for _, g in named_gates(work)]
+        plain_weights(work)  # as in compact's copy
+        info = [(name, host, g.n) for name, host, g in gate_paths(work)]
         heads = self._head_gates(work, info)
         inputs = _one_sample(example_inputs)
         # measured gated: fused kernels that would skip a gate are off, as in the compacted copy
@@ -366,7 +367,8 @@ class WidthModel:
         not). Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a
         trained one need not (see :meth:`_removable`)."""
         half = copy.deepcopy(source)
-        gates = list(named_gates(half))
+        gates = [(name, g) for name, _, g in gate_paths(half)]
+        hosts = [host for _, host, _ in gate_paths(half)]
         live = [max(1, g.n // 2) for _, g in gates]
         with torch.no_grad():
             for (_, g), units in zip(gates, live):
@@ -380,7 +382,7 @@ class WidthModel:
                               f"every gated layer's units ({str(exc).splitlines()[0]})") from exc
         rescued = frozenset(i for i, (_, g) in enumerate(gates)
                             if i not in self.head_gates and i not in self._scattered
-                            and isinstance(small.get_submodule(g.host_name), ScatterUnits))
+                            and isinstance(small.get_submodule(hosts[i]), ScatterUnits))
         real = measure(small, _one_sample(example_inputs))
         for metric in METRICS:
             said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))

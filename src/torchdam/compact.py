@@ -2,6 +2,12 @@
 
 DAM gates decide *what* goes; this module decides *how*, in these steps on a copy:
 
+0. **Plain weights**: a reparametrized weight (``weight_norm``, ``spectral_norm`` and other
+   ``torch.nn.utils.parametrize`` parametrizations, the older pre-hook ``weight_norm``,
+   ``torch.nn.utils.prune`` masks) is replaced by a plain parameter holding its current
+   value (:func:`plain_weights`): the steps below change a layer's own tensors, which a
+   reparametrization would recompute over on the next forward.
+
 1. **Fold**: each gate's values ``g`` multiply the output units of the module it hooks
    (a Linear/Conv's weight rows and bias, or a BatchNorm's affine), so the copy computes
    exactly what the gated model did without gates. Dead units now output exact zeros.
@@ -56,13 +62,16 @@ from typing import Callable, Sequence
 from unittest import mock
 
 import torch
-import torch_pruning as tp
 import torch.nn.functional as F
+import torch.utils.checkpoint
+import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from torchdam import attention
-from torchdam.attach import GATE_ATTR, LINEAR_LIKE, _ungateable_reason, _unit_rule, detach, named_gates
+from torchdam.attach import (
+    GATE_ATTR, LINEAR_LIKE, _ungateable_reason, _unit_rule, detach, gate_paths, named_gates, unwrap,
+)
 from torchdam.errors import CompactionError, ShapeError, TorchDAMError, UnsupportedLayerError
 from torchdam.gates import DAMGate
 
@@ -245,17 +254,6 @@ class _Gated:
     dead: list[int]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or (
-            model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
-        )
-        if inner is None:
-            return model
-        model = inner
-
-
 def as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
@@ -310,11 +308,8 @@ def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only:
     """Folds every gate into its host and lists the gated layers with their live/dead units
     (``only``: the dead units of that layer alone are to be removed; the others stay, as zeros)."""
     gated = []
-    for host_name, host in small.named_modules():
-        gate = getattr(host, GATE_ATTR, None)
-        if not isinstance(gate, DAMGate):
-            continue
-        name = getattr(gate, "producer_name", host_name)
+    for name, host_name, gate in gate_paths(small):
+        host = small.get_submodule(host_name)
         producer = small.get_submodule(name)
         reason = _ungateable_reason(producer)
         if reason is not None:
@@ -600,10 +595,12 @@ def compact(
     that ``example_inputs`` exercised (a gated layer they do not reach is an error; an
     input size that changes a Flatten's width needs its own compaction). Works in train or
     eval mode and under ``torch.no_grad()`` / ``torch.inference_mode()``; the caller's grad
-    mode and the model's mode are left as they were. The copy is returned in eval mode.
+    mode and the model's mode are left as they were. The copy is returned in eval mode,
+    with plain weights where ``model`` had reparametrized ones (step 0 above).
 
     Args:
-        model: a model instrumented by :func:`torchdam.attach` (left unchanged).
+        model: a model instrumented by :func:`torchdam.attach` (left unchanged), or a
+            ``torch.compile`` / ``DataParallel`` / DDP wrapper of one.
         example_inputs: a tensor or tuple of tensors the model accepts, or a dict of keyword
             arguments (``{"input_ids": ids}`` calls ``model(**inputs)``); used to trace the
             dependency graph and to check the result. A model whose forward takes
@@ -766,14 +763,25 @@ def _quiet_shape_inference() -> Iterator[None]:
         yield
 
 
+class _RunThrough:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` while a graph is traced:
+    runs the checkpointed function as is, so its ops are in the autograd graph Torch-Pruning
+    follows (reentrant checkpointing, torch's default, hides them behind one node)."""
+
+    @staticmethod
+    def apply(function: Callable, _preserve_rng_state: bool, *args):
+        return function(*args)
+
+
 def _build_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
     """Torch-Pruning's graph of ``small`` traced on ``example_inputs`` (a dict: keyword
     arguments), through model outputs such as Hugging Face's ``ModelOutput`` (the tensors of
     :func:`compared_outputs`), with rules for layer types it lacks (:data:`TP_PRUNERS`, HF
-    ``Conv1D``)."""
+    ``Conv1D``). Activation checkpointing is run through (:class:`_RunThrough`)."""
     inputs = example_inputs if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
     try:
-        with torch.enable_grad(), _quiet_shape_inference():
+        with (torch.enable_grad(), _quiet_shape_inference(),
+              mock.patch.object(torch.utils.checkpoint, "CheckpointFunction", _RunThrough)):
             return tp.DependencyGraph().build_dependency(
                 small, example_inputs=inputs, forward_fn=call, output_transform=compared_outputs, verbose=False,
                 customized_pruners={**TP_PRUNERS, **attention.customized_pruners()})
@@ -856,7 +864,7 @@ def _bad_fold(source: nn.Module, folded: nn.Module, example_inputs, rtol: float 
     """The error naming the first gated layer (in execution order) whose folded host does
     not output what the gated host did (a wrong rule in :data:`FOLDERS`), or None."""
     outputs: dict[str, list[Tensor]] = {"gated": [], "folded": []}
-    hosts = {g.host_name: name for name, g in named_gates(source)}
+    hosts = {host: name for name, host, _ in gate_paths(source)}
     handles = []
     for key, model in (("gated", source), ("folded", folded)):
         for host_name in hosts:
@@ -881,6 +889,52 @@ def _bad_fold(source: nn.Module, folded: nn.Module, example_inputs, rtol: float 
     return None
 
 
+def plain_weights(model: nn.Module) -> list[str]:
+    """Replace every reparametrized tensor of ``model`` by a plain parameter holding its
+    current value (in place, in eval mode: spectral norm takes no power-iteration step);
+    returns the names of the modules changed. Covers ``torch.nn.utils.parametrize``
+    (``parametrizations.weight_norm``/``spectral_norm``/``orthogonal``...) and the forward
+    pre-hook forms (``torch.nn.utils.weight_norm``, ``torch.nn.utils.prune``)."""
+    from torch.nn.utils import parametrizations, parametrize, prune
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    was_training = model.training
+    model.eval()
+    changed = []
+    try:
+        with torch.no_grad():
+            for name, module in list(model.named_modules()):
+                hooks = list(module._forward_pre_hooks.values())
+                if not (parametrize.is_parametrized(module)
+                        or any(isinstance(h, (WeightNorm, prune.BasePruningMethod)) for h in hooks)):
+                    continue
+                if parametrize.is_parametrized(module):
+                    # not parametrize.remove_parametrizations: it deletes the property from the
+                    # parametrized class, which a deepcopy shares with the user's model
+                    values = {t: getattr(module, t) for t in module.parametrizations}
+                    kinds = {t: isinstance(p.original if hasattr(p, "original") else p.original0, nn.Parameter)
+                             for t, p in module.parametrizations.items()}
+                    del module.parametrizations
+                    module.__class__ = type(module).__bases__[0]
+                    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+                        if getattr(getattr(hook, "hook", None), "__module__", None) == parametrizations.__name__:
+                            del module._load_state_dict_pre_hooks[key]  # weight_norm's old-checkpoint reader
+                    for t, value in values.items():
+                        if kinds[t]:
+                            module.register_parameter(t, nn.Parameter(value.detach().clone()))
+                        else:
+                            module.register_buffer(t, value.detach().clone())
+                for hook in hooks:
+                    if isinstance(hook, WeightNorm):
+                        torch.nn.utils.remove_weight_norm(module, hook.name)
+                    elif isinstance(hook, prune.BasePruningMethod):
+                        prune.remove(module, hook._tensor_name)
+                changed.append(name)
+    finally:
+        model.train(was_training)
+    return changed
+
+
 def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_streams: bool,
                     only: str | None = None, scatter: frozenset[str] = frozenset(),
                     keep_heads: frozenset[str] = frozenset()) -> tuple[nn.Module, bool]:
@@ -893,6 +947,7 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
     except Exception as exc:
         raise CompactionError(f"compact works on a copy, and copy.deepcopy({type(source).__name__}) failed "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    plain_weights(small)
     tied = _tied(small)
     with torch.no_grad():
         heads = [h for h in attention.take_head_gates(small, min_width) if h.name not in keep_heads]

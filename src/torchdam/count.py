@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchdam.compact import as_tuple, unwrap
+from torchdam.attach import unwrap
+from torchdam.compact import as_tuple
 from torchdam.errors import ConfigError
 from torchdam.gates import DAMGate
 

@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from torchdam.attach import DEFAULT_LAYERS, GATE_ATTR, Selector, attach
+from torchdam.attach import DEFAULT_LAYERS, GATE_ATTR, Selector, attach, gate_paths, unwrap
 from torchdam.compact import compact
 from torchdam.gates import DAMGate
 
@@ -37,14 +37,12 @@ def freeze_gates(model: nn.Module, values: dict[str, Tensor]) -> nn.Module:
     :class:`FixedMask` with those values: how a method with trained gates of its own kind
     (L0, ChipNet) hands its final decision to :func:`torchdam.compact`."""
     frozen = copy.deepcopy(model)
-    for module in frozen.modules():
-        gate = getattr(module, GATE_ATTR, None)
-        name = getattr(gate, "producer_name", None)
+    for name, host, gate in list(gate_paths(frozen, nn.Module)):
         if name in values:
             device = next(iter(gate.parameters()), values[name]).device  # the trained gate's device
             fixed = FixedMask(values[name].to(device), gate.axis)
-            fixed.producer_name, fixed.host_name = name, gate.host_name
-            setattr(module, GATE_ATTR, fixed)
+            fixed.producer_name, fixed.host_name = name, host
+            setattr(unwrap(frozen).get_submodule(host), GATE_ATTR, fixed)
     return frozen
 
 

@@ -32,7 +32,8 @@ from torch import nn
 
 import torchdam as dam
 from torchdam.budget import TOLERANCE, Budget, WidthModel, _beta_for, live_counts
-from torchdam.compact import ScatterUnits, call
+from torchdam.calling import call
+from torchdam.compact import ScatterUnits
 
 
 def _first(inputs):

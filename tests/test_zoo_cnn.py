@@ -15,11 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from zoo_checks import OnnxLimitation, assert_no_dam_state, assert_onnx_export, assert_save_load_round_trip
+from zoo_checks import (
+    OnnxLimitation,
+    assert_no_dam_state,
+    assert_onnx_export,
+    assert_save_load_round_trip,
+)
 
 import torchdam as dam
 from torchdam import AttachError, CompactionError, TorchDAMError
-from torchdam.compact import ScatterUnits, call, check_equivalent, default_rtol
+from torchdam.calling import call
+from torchdam.compact import ScatterUnits, check_equivalent, default_rtol
 
 # ------------------------------------------------------------------ families (from scratch)
 

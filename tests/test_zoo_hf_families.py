@@ -31,7 +31,8 @@ from zoo_checks import assert_no_dam_state, assert_save_load_round_trip
 import torchdam as dam
 from torchdam.attention import heads_of
 from torchdam.budget import TOLERANCE, WidthModel, _beta_for, live_counts
-from torchdam.compact import ScatterUnits, call, compared_outputs
+from torchdam.calling import call, compared_outputs
+from torchdam.compact import ScatterUnits
 from torchdam.train import TrainConfig, Trainer
 
 T = pytest.importorskip("transformers")

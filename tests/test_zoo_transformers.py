@@ -28,7 +28,8 @@ import torchdam as dam
 from torchdam import attention
 from torchdam.attach import plan
 from torchdam.attention import PrunedMultiheadAttention
-from torchdam.compact import call, compact, compared_outputs
+from torchdam.calling import call, compared_outputs
+from torchdam.compact import compact
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,7 +22,7 @@ from zoo_checks import assert_no_dam_state, assert_save_load_round_trip
 
 import torchdam as dam
 from torchdam.budget import WidthModel, live_counts
-from torchdam.compact import call
+from torchdam.calling import call
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 import torchdam as dam
-from torchdam.compact import call
+from torchdam.calling import call
 
 #: nn.Module's hook dictionaries (forward, pre-forward, with kwargs, backward, state-dict ...).
 HOOK_DICTS = sorted(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))
@@ -117,7 +117,7 @@ class OnnxLimitation:
 
 
 def onnx_inputs(model: nn.Module, inputs):
-    """What :class:`OnnxModel` gets: as :func:`torchdam.compact.call` calls the model
+    """What :class:`OnnxModel` gets: as :func:`torchdam.calling.call` calls the model
     (``use_cache=False`` for a forward that takes it)."""
     if not isinstance(inputs, Mapping):
         return inputs

@@ -22,8 +22,9 @@ Three parts:
    dependency graph is traced once to find which modules' output and input channels each
    gate controls (a BatchNorm after the gate, every consumer, a Flatten's index map, a
    concat's offsets, a residual stream's writers, the depthwise convs and norms between),
-   and :func:`torchdam.compact`'s own rules decide what it will do with them (one source
-   of truth: its ``_consumers``, ``_frozen``, ``_bias_deltas`` and ``_stream_members``): a
+   and the rules :func:`torchdam.compact` acts by decide what it will do with them (one
+   source of truth, :mod:`torchdam.coupling`: ``consumer_inputs``, ``frozen_layers``,
+   ``bias_deltas`` and ``stream_members``): a
    gate whose units join a residual stream or reach a layer that keeps its width (tied
    weights, a grouped conv), or reach a consumer as a constant it cannot take in its bias,
    shrinks only its own layer; a stream whose every writer is gated narrows to its widest
@@ -81,26 +82,10 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam import attention
+from torchdam import attention, coupling
 from torchdam.attach import LINEAR_LIKE, detach, gate_paths, named_gates, unwrap, widths
-from torchdam.compact import (
-    GroupSearchError,
-    ScatterUnits,
-    _bias_deltas,
-    _build_graph,
-    _channelwise,
-    _consumers,
-    _frozen,
-    _Gated,
-    _input_values,
-    _stream_members,
-    _tied,
-    as_tuple,
-    compact,
-    plain_weights,
-    pruning_group,
-    run_eval,
-)
+from torchdam.calling import as_tuple, run_eval
+from torchdam.compact import ScatterUnits, compact, plain_weights
 from torchdam.count import FlopCounter
 from torchdam.count import count as measure
 from torchdam.errors import AttachError, ConfigError, TorchDAMError
@@ -120,7 +105,6 @@ TOLERANCE = 0.03
 REFRESH = 10
 
 _MODULE_TYPES = (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.DEPTHWISE_CONV)
-_STREAM_OPS = (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE)
 #: The side of an attention module that stands for its units (its own work and parameters).
 _UNITS = "units"
 
@@ -229,7 +213,7 @@ class WidthModel:
     @staticmethod
     def _graph(work: nn.Module, inputs) -> tp.DependencyGraph:
         try:
-            return _build_graph(work, inputs)
+            return coupling.build_graph(work, inputs)
         except TorchDAMError as exc:
             raise AttachError(f"a budget cannot trace {type(work).__name__}: {str(exc).splitlines()[0]}") from exc
 
@@ -300,7 +284,7 @@ class WidthModel:
         if not producers:
             return sides
         partners = attention.shared_units(work)
-        frozen = _frozen(work, _tied(work))
+        frozen = coupling.frozen_layers(work, coupling.tied_layers(work))
         groups, layers, consumers = {}, {}, {}
         for i, (producer, host, n) in producers.items():
             name = info[i][0]
@@ -311,13 +295,14 @@ class WidthModel:
             if producer not in dg.module2node:
                 raise AttachError(f"a budget cannot trace gated layer {name!r}: example_inputs do not reach it")
             # as compact sees a layer whose every unit is dead: which units go is DAM's order
-            layers[i] = _Gated(name, producer, info[i][1], host, -1, n, [], list(range(n)))
+            layers[i] = coupling.GatedLayer(name, producer, info[i][1], host, -1, n, [], list(range(n)))
             try:
-                groups[i] = pruning_group(dg, producer, list(range(n)), name)
-            except GroupSearchError:  # compact scatters such a layer back: so does the budget
+                groups[i] = coupling.pruning_group(dg, producer, list(range(n)), name)
+            except coupling.GroupSearchError:  # compact scatters such a layer back: so does the budget
                 consumers[i] = None
                 continue
-            consumers[i] = _consumers(dg, groups[i], layers[i], frozen, partners.get(id(producer), frozenset()))
+            consumers[i] = coupling.consumer_inputs(dg, groups[i], layers[i], frozen,
+                                                    partners.get(id(producer), frozenset()))
         removable = self._removable(work, inputs, layers, consumers)
         removable = {i: d for i, d in removable.items() if i not in scattered}
         stream = {i for i in producers if i not in removable}
@@ -329,7 +314,7 @@ class WidthModel:
                 if delta.dim() > 0 and getattr(module, "bias", None) is None:
                     biases.setdefault(id(module), (module, set()))[1].add(i)
         self._new_biases = [(module, frozenset(gates)) for module, gates in biases.values()]
-        by_module: dict[int, _Gated] = {}
+        by_module: dict[int, coupling.GatedLayer] = {}
         for i in stream:
             by_module[id(layers[i].producer)] = by_module[id(layers[i].host)] = layers[i]
         index = {id(layer): i for i, layer in layers.items()}
@@ -345,7 +330,7 @@ class WidthModel:
             if host is not producer:
                 add(host, "out", range(n), (i,), n)
             # ... and the stream narrows to its widest writer when every writer is gated
-            found = _stream_members(dg, layers[i], by_module, frozen) if narrow and group is not None else None
+            found = coupling.stream_members(dg, layers[i], by_module, frozen) if narrow and group is not None else None
             if found is None:
                 continue
             members = {index[id(m)] for m in found}
@@ -398,10 +383,10 @@ class WidthModel:
         return "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
 
     @staticmethod
-    def _removable(work: nn.Module, inputs, layers: dict[int, _Gated],
+    def _removable(work: nn.Module, inputs, layers: dict[int, coupling.GatedLayer],
                    consumers: dict[int, dict[nn.Module, list[int]] | None]) -> dict[int, dict[nn.Module, Tensor]]:
         """The gates whose dead units :func:`torchdam.compact` removes from every coupled
-        layer, by its own rule (:func:`~torchdam.compact._bias_deltas`): each consumer must
+        layer, by its own rule (:func:`~torchdam.coupling.bias_deltas`): each consumer must
         take in its bias the constant a dead unit becomes on the way (a BatchNorm or a
         depthwise conv's bias after the gate); the others are scattered back. Probed with
         every gate's units dead and the per-channel layers' parameters and statistics moved
@@ -416,7 +401,7 @@ class WidthModel:
             return {}
         with torch.no_grad():
             for module in work.modules():
-                if _channelwise(module):
+                if coupling.channelwise(module):
                     for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                         if t.is_floating_point():
                             t.add_(0.25)
@@ -426,11 +411,11 @@ class WidthModel:
 
         hooks = [layer.host.register_forward_hook(dead) for layer in layers.values()]
         try:
-            values = _input_values(work, _twice(inputs), [m for c in wanted.values() for m in c])
+            values = coupling.input_values(work, _twice(inputs), [m for c in wanted.values() for m in c])
         finally:
             for h in hooks:
                 h.remove()
-        deltas = {i: _bias_deltas(c, values) for i, c in wanted.items()}
+        deltas = {i: coupling.bias_deltas(c, values) for i, c in wanted.items()}
         return {i: d for i, d in deltas.items() if d is not None}
 
     # -- compiling to tensors
@@ -467,7 +452,7 @@ class WidthModel:
                 continue
             out_i = side_index.get((id(module), "out"), -1)
             in_i = side_index.get((id(module), "in"), -1)
-            if _channelwise(module):
+            if coupling.channelwise(module):
                 in_i = -1  # a depthwise conv's or a norm's work follows its (coupled) channels once
             flops = calls.get(id(module), 0)
             if flops:

@@ -29,7 +29,7 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
    a consumer that cannot take the resulting constant in its bias (pre-activation: BN turns
    them into its bias before a padded 3x3 conv), for a gated layer whose units are the
    model's output, and where Torch-Pruning cannot find the coupled layers
-   (:class:`GroupSearchError`: a bidirectional GRU consumer, grouped-query attention's
+   (:class:`torchdam.coupling.GroupSearchError`: a bidirectional GRU consumer, grouped-query attention's
    ``repeat_kv``).
 4. **Narrow streams** (``narrow_streams=True``): a stream channel that *every* producer of
    the stream leaves dead (post-activation ResNets: each block's gated ``bn2`` and gated
@@ -48,31 +48,32 @@ Finally the compacted copy is checked against the gated model on ``example_input
 differs, attention modules whose head removal is at fault keep their heads (with a warning
 naming them), else the gated layers whose removal alone is not exact are scattered back as
 in step 3 (:func:`_rescue`). Per-layer rules live in small tables (:data:`FOLDERS`,
-:data:`TP_PRUNERS`) that users can extend.
+:data:`torchdam.coupling.TP_PRUNERS`) that users can extend; the graph questions
+(which layers share a layer's units) are :mod:`torchdam.coupling`'s.
 """
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Sequence
-from unittest import mock
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 import torch_pruning as tp
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
-from torchdam import attention
+from torchdam import attention, coupling
 from torchdam.attach import (
-    GATE_ATTR, LINEAR_LIKE, _ungateable_reason, _unit_rule, detach, gate_paths, named_gates, unwrap,
+    _ungateable_reason,
+    _unit_rule,
+    detach,
+    gate_paths,
+    named_gates,
+    unwrap,
 )
-from torchdam.errors import CompactionError, ShapeError, TorchDAMError, UnsupportedLayerError
+from torchdam.calling import run_eval
+from torchdam.errors import CompactionError, ShapeError, UnsupportedLayerError
 from torchdam.gates import DAMGate
 
 
@@ -127,72 +128,6 @@ def register_folder(layer_type: type, fold: Callable[[nn.Module, Tensor], None])
     FOLDERS[layer_type] = fold
 
 
-class _RecurrentPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning rule for RNN/GRU/LSTM consumers: removes input features from the
-    first layer's input weights. Their hidden units are not removed (Torch-Pruning has no
-    GRU/RNN rule, and its LSTM output rule does not keep the four gates' blocks aligned)."""
-
-    TARGET_MODULES = nn.RNNBase
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        raise _Refused(f"the hidden units of a {type(layer).__name__} cannot be removed")
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        keep = [i for i in range(layer.input_size) if i not in set(idxs)]
-        for name in layer._flat_weights_names:
-            if name.startswith("weight_ih_l0"):
-                setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 1))
-        layer.input_size = len(keep)
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.hidden_size * (2 if layer.bidirectional else 1)
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.input_size
-
-
-class _GroupNormPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning's GroupNorm rule keeps ``num_groups``; a per-channel GroupNorm
-    (one channel per group, the only kind a gate moves behind) loses a group per channel.
-    Removing channels from a GroupNorm over several channels per group would change its
-    statistics: refused (compact scatters the units back to full width before it)."""
-
-    TARGET_MODULES = nn.GroupNorm
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        if layer.num_groups != layer.num_channels:
-            raise _Refused(f"GroupNorm({layer.num_groups}, {layer.num_channels}) normalises several "
-                           "channels together")
-        keep = [i for i in range(layer.num_channels) if i not in set(idxs)]
-        layer.num_channels = layer.num_groups = len(keep)
-        if layer.affine:
-            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
-        return layer
-
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.num_channels
-
-    get_in_channels = get_out_channels
-
-
-class _Refused(Exception):
-    """A Torch-Pruning rule of ours declined to remove these units (message: why)."""
-
-
-#: module type -> Torch-Pruning pruner that :func:`compact` adds to or replaces in
-#: Torch-Pruning's own table when it builds the dependency graph.
-TP_PRUNERS: dict[type, tp.pruner.BasePruningFunc] = {
-    nn.RNN: _RecurrentPruner(),
-    nn.GRU: _RecurrentPruner(),
-    nn.LSTM: _RecurrentPruner(),
-    nn.GroupNorm: _GroupNormPruner(),
-}
-
-
 class ScatterUnits(nn.Module):
     """Runs a narrowed layer and puts its live units back at their places in a zero
     tensor of the original width, so a residual stream keeps its width while the dead
@@ -242,69 +177,8 @@ class ScatterUnits(nn.Module):
         return f"live={self.index.numel()}, total={self.total}, axis={self.axis}"
 
 
-@dataclass
-class _Gated:
-    name: str
-    producer: nn.Module
-    host_name: str
-    host: nn.Module
-    axis: int
-    total: int
-    keep: list[int]
-    dead: list[int]
-
-
-def as_tuple(example_inputs) -> tuple:
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def call(model: nn.Module, example_inputs):
-    """``model(**example_inputs)`` for a dict of keyword arguments (Hugging Face style),
-    else ``model(*example_inputs)``; a model whose forward takes ``use_cache`` runs without
-    a key/value cache unless the inputs say otherwise."""
-    kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}
-    args = () if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
-    if "use_cache" not in kwargs:
-        try:
-            takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            takes_cache = False
-        if takes_cache:
-            kwargs["use_cache"] = False
-    return model(*args, **kwargs)
-
-
-def compared_outputs(out) -> list[Tensor]:
-    """The output tensors :func:`compact` compares: for a Hugging Face ``ModelOutput`` (or
-    any mapping) its ``logits``, else its ``last_hidden_state`` (and ``pooler_output``),
-    else every tensor but caches and per-head attention maps; otherwise every tensor."""
-    if isinstance(out, Mapping):
-        for keys in (("logits",), ("last_hidden_state", "pooler_output")):
-            found = [out[k] for k in keys if isinstance(out.get(k), Tensor)]
-            if found:
-                return found
-        out = [v for k, v in out.items() if "past_key_values" not in k and "attentions" not in k and k != "cache"]
-    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-
-
-def run_eval(model: nn.Module, example_inputs) -> list[Tensor]:
-    """Outputs of ``model`` in eval mode, as a flat list; restores its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = call(model, example_inputs)
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        inputs = example_inputs.values() if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
-        shapes = [tuple(t.shape) for t in inputs if isinstance(t, Tensor)]
-        raise ShapeError(f"example_inputs of shape {shapes} do not fit {type(model).__name__}: "
-                         f"{str(exc).splitlines()[0]}") from exc
-    finally:
-        model.train(was_training)
-    return compared_outputs(out)
-
-
-def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only: str | None = None) -> list[_Gated]:
+def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]],
+             only: str | None = None) -> list[coupling.GatedLayer]:
     """Folds every gate into its host and lists the gated layers with their live/dead units
     (``only``: the dead units of that layer alone are to be removed; the others stay, as zeros)."""
     gated = []
@@ -338,157 +212,8 @@ def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only:
             live = list(range(gate.n))
         dead = sorted(set(range(gate.n)) - set(live))
         axis = gate.axis if gate.axis is not None else 1
-        gated.append(_Gated(name, producer, host_name, host, axis, gate.n, live, dead))
+        gated.append(coupling.GatedLayer(name, producer, host_name, host, axis, gate.n, live, dead))
     return gated
-
-
-#: Torch-Pruning node types that are ops on tensors, not layers (their "pruning" only
-#: updates index bookkeeping): relu/add/pooling, view/flatten, cat/split, slices, ...
-_TENSOR_OPS = frozenset({
-    tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
-    tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.SLICE,
-})
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
-            and module.groups == module.in_channels == module.out_channels > 1)
-
-
-def _channelwise(module: nn.Module) -> bool:
-    """Layers whose output unit j depends on input unit j only (exactly: a dead, all-zero
-    unit gives a constant there, the same at every position and for every sample)."""
-    if isinstance(module, nn.GroupNorm):
-        return module.num_groups == module.num_channels
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.PReLU)) or _is_depthwise(module)
-
-
-def _downstream(dg: tp.DependencyGraph, host: nn.Module) -> set[int]:
-    """Ids of the nodes after ``host`` through which its units pass on their own: tensor
-    ops with no second operand (a parameter such as a layer scale does not count),
-    cat/split/reshapes, and channel-wise layers (depthwise conv, per-channel norms). Stops
-    at consumers (Linear, conv) and at ops mixing in another tensor (a residual add)."""
-    start = dg.module2node[host]
-    seen, stack = {id(start)}, [start]
-    while stack:
-        node = stack.pop()
-        for out in node.outputs:
-            if id(out) in seen:
-                continue
-            if out.type in _TENSOR_OPS:
-                others = [i for i in out.inputs if i is not node and i.type != tp.ops.OPTYPE.PARAMETER]
-                if out.type == tp.ops.OPTYPE.ELEMENTWISE and others:
-                    continue
-            elif not _channelwise(out.module):
-                continue
-            seen.add(id(out))
-            stack.append(out)
-    return seen
-
-
-def _plain(idxs) -> list[int]:
-    return [int(i) for i in tp._helpers.to_plain_idxs(list(idxs))]
-
-
-def _consumers(dg: tp.DependencyGraph, group, layer: _Gated, frozen: dict[int, str],
-               partners: frozenset[int] = frozenset()) -> dict[nn.Module, list[int]] | None:
-    """``{consumer layer: its input units to remove}`` when removing the dead units from
-    every coupled layer can be exact (after bias compensation, see :func:`_compensate`);
-    None when they must be scattered back to full width instead:
-
-    - they are coupled with other layers' outputs (a residual stream) or pass through a
-      layer that mixes units (LayerNorm, GroupNorm over several channels, a grouped conv);
-    - a coupled layer must keep its width (``frozen``: tied weights, grouped convs);
-    - nothing consumes them (they are the model's output).
-
-    ``partners``: ids of layers whose outputs are multiplied with the producer's (Llama's
-    ``gate_proj`` beside a gated ``up_proj``): zeros times anything stay zero, so removing
-    the units from them too is exact.
-    """
-    own = {id(dg.module2node[layer.producer]), id(dg.module2node[layer.host])}
-    passing = _downstream(dg, layer.host) | own
-    consumers: dict[nn.Module, list[int]] = {}
-    for dep, idxs in group:
-        node, module = dep.target, dep.target.module
-        if node.type in _TENSOR_OPS:
-            continue
-        if node.type == tp.ops.OPTYPE.OUTPUT or id(module) in frozen:
-            return None
-        if dg.is_out_channel_pruning_fn(dep.handler):
-            if id(node) not in passing and node.type != tp.ops.OPTYPE.PARAMETER and id(module) not in partners:
-                return None
-        elif dg.is_in_channel_pruning_fn(dep.handler):
-            units = _plain(idxs)
-            pruner = dg.get_pruner_of_module(module)
-            width = pruner.get_in_channels(module) if pruner is not None else None
-            if width is not None and max(units, default=-1) >= width:
-                return None  # the graph's index map does not fit the layer (a fused qkv's reshape)
-            consumers[module] = units
-    return consumers or None
-
-
-def _input_values(model: nn.Module, example_inputs, modules: list[nn.Module]) -> dict[nn.Module, Tensor | None]:
-    """The input each of ``modules`` receives on ``example_inputs`` (None: called more than once)."""
-    seen: dict[nn.Module, Tensor | None] = {}
-
-    def grab(module: nn.Module, args: tuple) -> None:
-        seen[module] = args[0].detach() if module not in seen and args and isinstance(args[0], Tensor) else None
-
-    handles = [m.register_forward_pre_hook(grab) for m in set(modules)]
-    try:
-        with torch.no_grad():
-            call(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _bias_delta(module: nn.Module, x: Tensor | None, idxs: list[int]) -> Tensor | None:
-    """What ``module``'s output loses when input units ``idxs`` are removed, given that
-    they carry the same value at every position and sample in ``x``: 0 when those units
-    are zero; a constant that can go into its bias for a Linear, or a conv without
-    padding; None when it is not a constant (or the layer is another kind)."""
-    if x is None:
-        return None
-    if not idxs:
-        return torch.zeros(())
-    linear_like = isinstance(module, tuple(LINEAR_LIKE))  # HF Conv1D: units on the last axis
-    axis = -1 if linear_like else next((a for t, a in _INPUT_AXIS.items() if isinstance(module, t)), None)
-    if axis is None or x.dim() < 2:
-        return None
-    if isinstance(module, nn.modules.conv._ConvNd) and x.dim() == len(module.kernel_size) + 1:
-        axis = 0  # an unbatched input
-    units = x.movedim(axis, 0)[idxs].flatten(1)  # (len(idxs), everything else)
-    c = units[:, :1]
-    if not torch.equal(units, c.expand_as(units)):
-        return None
-    c = c.flatten()
-    if not torch.any(c != 0):
-        return torch.zeros(())
-    if units.shape[1] < 2:
-        return None  # one value per unit (batch of 1 into a Linear): constancy not observable
-    if isinstance(module, nn.Linear):
-        return module.weight[:, idxs] @ c
-    if linear_like:  # weight (in, out)
-        return module.weight[idxs].T @ c
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1 and (
-            module.padding == "valid" or not isinstance(module.padding, str) and not any(module.padding)):
-        return module.weight[:, idxs].flatten(2).sum(2) @ c  # every output sees the whole kernel
-    return None
-
-
-#: consumer type -> axis of the units in its input (for :func:`_bias_delta`).
-_INPUT_AXIS: dict[type, int] = {nn.Linear: -1, nn.RNNBase: -1, nn.modules.conv._ConvNd: 1}
-
-
-def _bias_deltas(consumers: dict[nn.Module, list[int]],
-                 inputs: dict[nn.Module, Tensor | None]) -> dict[nn.Module, Tensor] | None:
-    """What each consumer's bias must gain when its input units ``consumers[m]`` are removed
-    (:func:`_bias_delta`), or None when some consumer cannot take it. The one rule deciding
-    between removal and scattering back, shared with :class:`torchdam.budget.WidthModel`."""
-    deltas = {m: _bias_delta(m, inputs.get(m), idxs) for m, idxs in consumers.items()}
-    return None if any(d is None for d in deltas.values()) else deltas
 
 
 def _compensate(consumers: dict[nn.Module, list[int]], inputs: dict[nn.Module, Tensor | None]) -> bool:
@@ -496,7 +221,7 @@ def _compensate(consumers: dict[nn.Module, list[int]], inputs: dict[nn.Module, T
     constant a dead unit becomes after a norm or a depthwise conv's bias, e.g. an inverted
     residual's depthwise conv + BatchNorm between the gate and the projection); False,
     changing nothing, when some consumer cannot take it."""
-    deltas = _bias_deltas(consumers, inputs)
+    deltas = coupling.bias_deltas(consumers, inputs)
     if deltas is None:
         return False
     for m, d in deltas.items():
@@ -508,41 +233,7 @@ def _compensate(consumers: dict[nn.Module, list[int]], inputs: dict[nn.Module, T
     return True
 
 
-#: Torch-Pruning node types a narrowed stream may pass through besides its producers,
-#: their BatchNorms and its consumers (``relu``/``add``/pooling and ``flatten``).
-_STREAM_OPS = (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE)
-
-
-def _stream_members(dg: tp.DependencyGraph, layer: _Gated, by_module: dict[int, _Gated],
-                    frozen: dict[int, str]) -> list[_Gated] | None:
-    """The gated layers writing into ``layer``'s residual stream, or None when the stream
-    cannot be narrowed: an ungated producer, a BatchNorm that hosts none of their gates
-    (pre-activation), an op that remaps channels (concat, split, ...), a producer of
-    another width, a layer that must keep its width (``frozen``), or no consumer."""
-    try:
-        group = pruning_group(dg, layer.producer, layer.dead, layer.name)
-    except GroupSearchError:
-        return None
-    members: dict[int, _Gated] = {}
-    consumers = False
-    for dep, idxs in group:
-        module, kind = dep.target.module, dep.target.type
-        if kind in _STREAM_OPS:
-            continue
-        if kind not in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN) or id(module) in frozen:
-            return None
-        out = dg.is_out_channel_pruning_fn(dep.handler)
-        if kind != tp.ops.OPTYPE.BN and not out:
-            consumers = True
-            continue
-        member = by_module.get(id(module))
-        if member is None or member.total != layer.total or sorted(_plain(idxs)) != layer.dead:
-            return None  # ungated producer, foreign BatchNorm, or not an identity channel map
-        members[id(member)] = member
-    return list(members.values()) if consumers else None
-
-
-def _narrow_streams(dg: tp.DependencyGraph, stream: list[_Gated], frozen: dict[int, str],
+def _narrow_streams(dg: tp.DependencyGraph, stream: list[coupling.GatedLayer], frozen: dict[int, str],
                     names: dict[int, str]) -> dict[int, list[int]]:
     """Removes the channels every producer of a residual stream leaves dead from the whole
     stream; returns ``{id(layer): removed stream channels}`` for the layers it narrowed."""
@@ -555,7 +246,7 @@ def _narrow_streams(dg: tp.DependencyGraph, stream: list[_Gated], frozen: dict[i
     for layer in stream:
         if id(layer) in seen:
             continue
-        members = _stream_members(dg, layer, by_module, frozen)
+        members = coupling.stream_members(dg, layer, by_module, frozen)
         if members is None:
             seen.add(id(layer))
             continue
@@ -563,7 +254,7 @@ def _narrow_streams(dg: tp.DependencyGraph, stream: list[_Gated], frozen: dict[i
         common = sorted(set.intersection(*(set(m.dead) for m in members)))
         if not common:
             continue
-        _prune(_group(dg, layer.producer, layer.name, common), layer, names)
+        _prune(coupling.coupled_group(dg, layer.producer, layer.name, common), layer, names)
         for m in members:
             removed[id(m)] = common
     return removed
@@ -576,7 +267,7 @@ def _shrink_outputs(dg: tp.DependencyGraph, module: nn.Module, dead: list[int], 
     try:
         pruner.prune_out_channels(module, dead)
     except Exception as exc:
-        why = str(exc) if isinstance(exc, _Refused) else f"Torch-Pruning failed ({type(exc).__name__})"
+        why = str(exc) if isinstance(exc, coupling.Refused) else f"Torch-Pruning failed ({type(exc).__name__})"
         raise UnsupportedLayerError(f"cannot remove the dead units of layer {name!r}: {why}") from exc
 
 
@@ -727,134 +418,14 @@ def _keep_failing_heads(source: nn.Module, example_inputs, reference: list[Tenso
     return small
 
 
-def _frozen(model: nn.Module, tied: dict[int, list[str]]) -> dict[int, str]:
-    """``{id(layer): why}`` for layers whose units must all stay: a layer sharing a
-    parameter with another (tied weights; removing units from one would untie them) and
-    grouped convolutions (uneven groups). Dead units coupled with them are scattered back."""
-    frozen = {i: f"it shares its weight with {', '.join(map(repr, others))} (tied weights)"
-              for i, others in tied.items()}
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):
-            frozen[id(module)] = f"it is a grouped convolution (groups={module.groups})"
-    return frozen
-
-
-def _tied(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(layer): names of the other layers holding one of its parameters}``."""
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append((name, module))
-    tied: dict[int, list[str]] = {}
-    for holders in owners.values():
-        for name, module in holders:
-            if len(holders) > 1:
-                tied.setdefault(id(module), []).extend(n for n, m in holders if m is not module)
-    return tied
-
-
-@contextmanager
-def _quiet_shape_inference() -> Iterator[None]:
-    """Torch-Pruning's shape inference gives up on some ops (a bidirectional RNN) with a bare
-    "Maximum recursive depth reached!" warning; what depends on it then fails to a fallback
-    or is checked, so it tells the user nothing."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
-        yield
-
-
-class _RunThrough:
-    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` while a graph is traced:
-    runs the checkpointed function as is, so its ops are in the autograd graph Torch-Pruning
-    follows (reentrant checkpointing, torch's default, hides them behind one node)."""
-
-    @staticmethod
-    def apply(function: Callable, _preserve_rng_state: bool, *args):
-        return function(*args)
-
-
-def _build_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of ``small`` traced on ``example_inputs`` (a dict: keyword
-    arguments), through model outputs such as Hugging Face's ``ModelOutput`` (the tensors of
-    :func:`compared_outputs`), with rules for layer types it lacks (:data:`TP_PRUNERS`, HF
-    ``Conv1D``). Activation checkpointing is run through (:class:`_RunThrough`)."""
-    inputs = example_inputs if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
-    try:
-        with (torch.enable_grad(), _quiet_shape_inference(),
-              mock.patch.object(torch.utils.checkpoint, "CheckpointFunction", _RunThrough)):
-            return tp.DependencyGraph().build_dependency(
-                small, example_inputs=inputs, forward_fn=call, output_transform=compared_outputs, verbose=False,
-                customized_pruners={**TP_PRUNERS, **attention.customized_pruners()})
-    except TorchDAMError:
-        raise
-    except Exception as exc:
-        raise CompactionError(
-            f"Torch-Pruning could not trace {type(small).__name__} on example_inputs "
-            f"({type(exc).__name__}); its dependency graph finds which layers share a gated layer's units"
-        ) from exc
-
-
-class GroupSearchError(CompactionError):
-    """Torch-Pruning could not say which layers are coupled with a layer's units: its search
-    failed inside (a bidirectional GRU consumer), or did not settle, meeting the same layers
-    with new index sets (grouped-query attention's ``repeat_kv``, VainF/Torch-Pruning#527,
-    where it never ends). Compact then computes that layer's live units only and scatters
-    them back to full width (exact), as for a residual stream."""
-
-
-class _Runaway(Exception):
-    pass
-
-
-#: A coupled group holds each graph node a few times at most (once per index set reaching
-#: it); a search past this many entries per node is one that does not end.
-GROUP_ENTRIES_PER_NODE = 8
-
-
-def pruning_group(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int], name: str):
-    """``dg.get_pruning_group`` for output units ``idxs`` of ``module`` (called ``name``),
-    bounded: raises :class:`GroupSearchError` instead of searching for ever or failing inside."""
-    limit = GROUP_ENTRIES_PER_NODE * len(dg.module2node) + 64
-
-    class Bounded(tp.dependency.group.Group):
-        def add_dep(self, dep, idxs) -> None:
-            if len(self._group) >= limit:
-                raise _Runaway
-            super().add_dep(dep, idxs)
-
-    try:
-        with mock.patch.object(tp.dependency.graph, "Group", Bounded), _quiet_shape_inference():
-            return dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
-    except _Runaway:
-        why = f"its search passed {limit} entries without settling"
-        cause = None
-    except Exception as exc:
-        why, cause = f"it failed ({type(exc).__name__})", exc
-    raise GroupSearchError(f"Torch-Pruning could not find the layers coupled with {name!r}: {why}") from cause
-
-
-def _group(dg: tp.DependencyGraph, module: nn.Module, name: str, idxs: list[int]):
-    """Torch-Pruning's group of layers coupled with output units ``idxs`` of ``module``."""
-    pruner = dg.get_pruner_of_module(module)
-    if pruner is None:
-        raise UnsupportedLayerError(
-            f"cannot remove units of {name!r}: Torch-Pruning has no rule for {type(module).__name__}")
-    if module not in dg.module2node:
-        raise CompactionError(
-            f"layer {name!r} was not reached by example_inputs; compact traces the model on them, "
-            "so they must run every gated layer (pass inputs that take every branch, or detach "
-            "the gates of layers they do not use)")
-    return pruning_group(dg, module, idxs, name)
-
-
-def _prune(group, layer: _Gated, names: dict[int, str]) -> None:
+def _prune(group, layer: coupling.GatedLayer, names: dict[int, str]) -> None:
     """``group.prune()``, with any failure named after the gated layer and the coupled one."""
     for dep, idxs in group:
         try:
             dep(list(idxs))
         except Exception as exc:
             where = names.get(id(dep.target.module), type(dep.target.module).__name__)
-            why = str(exc) if isinstance(exc, _Refused) else f"Torch-Pruning failed ({type(exc).__name__})"
+            why = str(exc) if isinstance(exc, coupling.Refused) else f"Torch-Pruning failed ({type(exc).__name__})"
             raise UnsupportedLayerError(
                 f"cannot remove the dead units of layer {layer.name!r} from the coupled layer "
                 f"{where!r}: {why}") from exc
@@ -948,7 +519,7 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
         raise CompactionError(f"compact works on a copy, and copy.deepcopy({type(source).__name__}) failed "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     plain_weights(small)
-    tied = _tied(small)
+    tied = coupling.tied_layers(small)
     with torch.no_grad():
         heads = [h for h in attention.take_head_gates(small, min_width) if h.name not in keep_heads]
         gated = _collect(small, min_width, tied, only)
@@ -957,25 +528,25 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
     for p in small.parameters():
         p.requires_grad_(True)
     names = {id(m): n for n, m in small.named_modules()}
-    frozen = _frozen(small, tied)
+    frozen = coupling.frozen_layers(small, tied)
     if not gated:  # only attention heads: local surgery, no graph needed
         attention.remove_heads(small, heads)
         return _finished(small), False
-    dg = _build_graph(small, example_inputs)
+    dg = coupling.build_graph(small, example_inputs)
     shared = attention.shared_units(small)
     # 1. Which layers lose their dead units everywhere, and which are scattered back.
-    removable: list[tuple[_Gated, dict[nn.Module, list[int]]]] = []
+    removable: list[tuple[coupling.GatedLayer, dict[nn.Module, list[int]]]] = []
     stream = []
     for layer in gated:
         for module, name in ((layer.producer, layer.name), (layer.host, layer.host_name)):
             if module not in dg.module2node and dg.get_pruner_of_module(module) is not None:
-                _group(dg, module, name, [])  # raises: not reached
+                coupling.coupled_group(dg, module, name, [])  # raises: not reached
         if not layer.dead:
             continue
         try:
-            consumers = _consumers(dg, _group(dg, layer.producer, layer.name, layer.dead), layer, frozen,
-                                   shared.get(id(layer.producer), frozenset()))
-        except GroupSearchError:
+            group = coupling.coupled_group(dg, layer.producer, layer.name, layer.dead)
+            consumers = coupling.consumer_inputs(dg, group, layer, frozen, shared.get(id(layer.producer), frozenset()))
+        except coupling.GroupSearchError:
             consumers = None  # its coupled layers are unknown: computed narrow, scattered back
         if consumers is None or layer.name in scatter:
             stream.append(layer)
@@ -983,12 +554,12 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
             removable.append((layer, consumers))
     # 2. A dead unit that a norm or bias turns into a constant before its consumers goes
     #    into their bias (all measured before any layer changes).
-    inputs = _input_values(small, example_inputs, [m for _, c in removable for m in c])
+    inputs = coupling.input_values(small, example_inputs, [m for _, c in removable for m in c])
     with torch.no_grad():
         compensated = [layer for layer, consumers in removable if _compensate(consumers, inputs)]
     stream += [layer for layer, _ in removable if layer not in compensated]
     for layer in compensated:
-        _prune(_group(dg, layer.producer, layer.name, layer.dead), layer, names)
+        _prune(coupling.coupled_group(dg, layer.producer, layer.name, layer.dead), layer, names)
     removed = _narrow_streams(dg, stream, frozen, names) if narrow_streams else {}
     for layer in stream:
         keep, dead, total = layer.keep, layer.dead, layer.total

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchdam.attach import unwrap
-from torchdam.compact import as_tuple
+from torchdam.calling import as_tuple
 from torchdam.errors import ConfigError
 from torchdam.gates import DAMGate
 

@@ -390,6 +390,190 @@ class BiGRUNet(nn.Module):
         return self.head(F.relu(self.fc(y[:, -1])))
 
 
+# ------------------------------------------------------------------ detection, efficient nets, speech, points
+
+class ConvBNSiLU(nn.Module):
+    """Ultralytics' ``Conv``: conv, BN, SiLU as attributes (not a Sequential)."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class YoloBottleneck(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1, self.cv2 = ConvBNSiLU(c, c, 3), ConvBNSiLU(c, c, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: one conv, its output chunked in two, bottlenecks on the second half,
+    every piece concatenated into the last conv."""
+
+    def __init__(self, c1: int, c2: int, n: int = 2) -> None:
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = ConvBNSiLU(c1, 2 * self.c)
+        self.cv2 = ConvBNSiLU((2 + n) * self.c, c2)
+        self.m = nn.ModuleList(YoloBottleneck(self.c) for _ in range(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """YOLOv5/8's spatial pyramid pooling: one conv, three chained max-pools, concat."""
+
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        self.cv1, self.cv2, self.m = ConvBNSiLU(c1, c1 // 2), ConvBNSiLU(c1 * 2, c2), nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class YOLOv8ish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.down = ConvBNSiLU(3, 16, 3, 2), ConvBNSiLU(16, 32, 3, 2)
+        self.c2f, self.sppf, self.detect = C2f(32, 32), SPPF(32, 32), nn.Conv2d(32, 9, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.detect(self.sppf(self.c2f(self.down(self.stem(x)))))
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 basic unit: split the channels, transform one half (1x1, depthwise 3x3,
+    1x1), concatenate, shuffle the channels (reshape-transpose-reshape)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = y.shape
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleNetV2ish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.units = nn.Sequential(ShuffleUnit(16), ShuffleUnit(16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.units(self.stem(x)).mean((2, 3)))
+
+
+class ConformerConv(nn.Module):
+    """Conformer's convolution module: LayerNorm, pointwise conv to 2d channels, GLU,
+    depthwise conv, BatchNorm, SiLU, pointwise conv, residual."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.pw1, self.dw = nn.Conv1d(d, 2 * d, 1), nn.Conv1d(d, d, 3, padding=1, groups=d)
+        self.bn, self.pw2 = nn.BatchNorm1d(d), nn.Conv1d(d, d, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (batch, time, d)
+        y = F.glu(self.pw1(self.norm(x).transpose(1, 2)), dim=1)
+        return x + self.pw2(F.silu(self.bn(self.dw(y)))).transpose(1, 2)
+
+
+class Conformerish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(ConformerConv(), ConformerConv())
+        self.ff = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 16))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.inp(x))
+        return self.out((h + self.ff(h)).mean(1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expansion, depthwise 3x3, squeeze-excitation, 1x1 projection, residual."""
+
+    def __init__(self, c: int = 16, expand: int = 4) -> None:
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.se, self.project = SqueezeExcite(h), nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.project(self.se(self.dw(self.expand(x))))
+
+
+class EfficientNetish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU())
+        self.blocks, self.head = nn.Sequential(MBConv(), MBConv()), nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class PointNetish(nn.Module):
+    """PointNet's shared per-point MLP (1x1 Conv1d + BN), max over points, classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv1d(3, 32, 1), nn.BatchNorm1d(32), nn.ReLU(),
+                                 nn.Conv1d(32, 64, 1), nn.BatchNorm1d(64), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.mlp(x).max(2).values)
+
+
+class Inceptionish(nn.Module):
+    """An Inception block: parallel 1x1, 1x1-3x3 and pool-1x1 branches concatenated, global
+    average pool, classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = nn.Conv2d(3, 8, 1)
+        self.b2 = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.b3 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(3, 8, 1))
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(torch.cat([self.b1(x), self.b2(x), self.b3(x)], 1))
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
 # ------------------------------------------------------------------ the zoo test
 
 def images(size: int):
@@ -474,6 +658,41 @@ def check_bigru(small, widths):
     assert small.fc.out_features == small.head.in_features == widths["fc"][0] < 32
 
 
+def check_yolo(small, widths):
+    assert small.c2f.cv1.conv.out_channels == widths["c2f.cv1.conv"][0] < 32  # its output is chunked in two
+    m0 = small.c2f.m[0]
+    assert m0.cv1.conv.out_channels == m0.cv2.conv.in_channels == widths["c2f.m.0.cv1.conv"][0] < 16
+    assert small.sppf.cv1.conv.out_channels == widths["sppf.cv1.conv"][0] < 16  # through three max-pools
+
+
+def check_shufflenet(small, widths):
+    branch, live = small.units[0].branch, widths["units.0.branch.0"][0]
+    assert branch[0].out_channels == branch[3].groups == branch[3].out_channels == branch[5].in_channels == live < 8
+
+
+def check_conformer(small, widths):
+    assert small.ff[0].out_features == small.ff[2].in_features == widths["ff.0"][0] < 32
+    assert small.blocks[0].pw1.out_channels < 32 or isinstance(small.blocks[0].pw1, ScatterUnits)
+
+
+def check_efficientnet(small, widths):
+    # squeeze-excitation multiplies the expansion's channels by per-channel scales computed from
+    # them: its dead channels are not constant after the padded depthwise conv, so they are
+    # computed live only and scattered back (README: what each family gets)
+    block, live = small.blocks[0], widths["blocks.0.expand.0"][0]
+    assert block.expand[0].out_channels == live < 64 and isinstance(block.expand[1], ScatterUnits)
+
+
+def check_pointnet(small, widths):
+    assert small.mlp[0].out_channels == small.mlp[3].in_channels == widths["mlp.0"][0] < 32
+    assert small.mlp[3].out_channels == small.fc[0].in_features == widths["mlp.3"][0] < 64  # through the max
+
+
+def check_inception(small, widths):
+    assert small.b1.out_channels == widths["b1"][0] < 8
+    assert small.head.in_features == sum(widths[n][0] for n in ("b1", "b2.2", "b3.1")) < 24  # through the concat
+
+
 def user_item_pairs(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     return torch.randint(0, 30, (n,), generator=gen), torch.randint(0, 40, (n,), generator=gen)
 
@@ -506,6 +725,12 @@ FAMILIES = {
     "mlp_mixer": Family(MixerBlockNet, images(32), check_mixer),
     "dilated_tcn": Family(DilatedTCN, lambda n, gen: torch.randn(n, 4, 20, generator=gen), check_tcn),
     "bidirectional_gru": Family(BiGRUNet, lambda n, gen: torch.randn(n, 7, 6, generator=gen), check_bigru),
+    "yolov8_c2f_sppf": Family(YOLOv8ish, images(32), check_yolo),
+    "shufflenet_v2": Family(ShuffleNetV2ish, images(16), check_shufflenet),
+    "conformer_conv": Family(Conformerish, lambda n, gen: torch.randn(n, 12, 8, generator=gen), check_conformer),
+    "efficientnet_se": Family(EfficientNetish, images(16), check_efficientnet),
+    "pointnet": Family(PointNetish, lambda n, gen: torch.randn(n, 3, 50, generator=gen), check_pointnet),
+    "inception": Family(Inceptionish, images(8), check_inception),
 }
 
 
@@ -823,3 +1048,30 @@ def test_inexact_compaction_names_the_gated_layer_at_fault():
             dam.compact(model, torch.randn(3, 4))
     finally:
         dam.register_folder(nn.Linear, fold)
+
+
+class SplitByWidth(nn.Module):
+    """Model code that reads a layer's width at run time to split its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.SiLU())
+        self.m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU())
+        self.cv2 = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.cv1(x).split(self.cv1[0].out_channels // 2, 1)
+        return self.cv2(torch.cat([a, b, self.m(b)], 1))
+
+
+def test_a_layer_whose_width_the_forward_reads_keeps_its_units_with_a_warning():
+    torch.manual_seed(0)
+    model = SplitByWidth()
+    for g in dam.attach(model).values():
+        g.beta.data.fill_(-2.0)
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"compact kept every unit of 'cv1\.0'.*the dead units output zero"):
+        small = dam.compact(model, x)
+    assert small.cv1[0].out_channels == 16 and not isinstance(small.cv1[1], ScatterUnits)  # all of it, folded
+    assert small.m[0].out_channels == dam.widths(model)["m.0"][0] < 8  # the others are still compacted
+    assert_same_outputs(model, small, torch.randn(3, 3, 8, 8))

@@ -47,7 +47,7 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
 Finally the compacted copy is checked against the gated model on ``example_inputs``; if it
 differs, attention modules whose head removal is at fault keep their heads (with a warning
 naming them), else the gated layers whose removal alone is not exact are scattered back as
-in step 3 (:func:`_rescue`). Per-layer rules live in small tables (:data:`FOLDERS`,
+in step 3, or keep all their units if even that differs (:func:`_rescue`). Per-layer rules live in small tables (:data:`FOLDERS`,
 :data:`torchdam.coupling.TP_PRUNERS`) that users can extend; the graph questions
 (which layers share a layer's units) are :mod:`torchdam.coupling`'s.
 """
@@ -177,10 +177,11 @@ class ScatterUnits(nn.Module):
         return f"live={self.index.numel()}, total={self.total}, axis={self.axis}"
 
 
-def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]],
-             only: str | None = None) -> list[coupling.GatedLayer]:
+def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only: str | None = None,
+             keep: frozenset[str] = frozenset()) -> list[coupling.GatedLayer]:
     """Folds every gate into its host and lists the gated layers with their live/dead units
-    (``only``: the dead units of that layer alone are to be removed; the others stay, as zeros)."""
+    (``only``: the dead units of that layer alone are to be removed; the others stay, as zeros;
+    ``keep``: layers whose dead units stay, as zeros)."""
     gated = []
     for name, host_name, gate in gate_paths(small):
         host = small.get_submodule(host_name)
@@ -208,7 +209,7 @@ def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]],
                 f"cannot compact gated layer {host_name!r} of type {type(host).__name__}: no folding "
                 "rule; register one with torchdam.register_folder(layer_type, fold)")
         fold(host, g)
-        if only is not None and name != only:
+        if (only is not None and name != only) or name in keep:
             live = list(range(gate.n))
         dead = sorted(set(range(gate.n)) - set(live))
         axis = gate.axis if gate.axis is not None else 1
@@ -348,8 +349,10 @@ def _rescue(source: nn.Module, example_inputs, reference: list[Tensor], rtol: fl
     graph takes for channel-wise mixes a gated layer's units (a hand-written LayerNorm over
     channels, a mean over channels). Finds the gated layers whose dead units alone cannot
     be removed exactly and compacts again with those computed only where live and
-    scattered back to full width (exact: their dead units are zeros at the gate). Raises,
-    naming them, if that is still not exact."""
+    scattered back to full width (exact: their dead units are zeros at the gate). If that is
+    still not exact (model code reading such a layer's width, e.g. to split its output),
+    they keep their dead units (folded: zeros, as gated), with a warning naming them; raises,
+    naming them, if even that is not exact."""
     kept = _keep_failing_heads(source, example_inputs, reference, rtol, min_width)
     if kept is not None:
         return kept
@@ -372,13 +375,24 @@ def _rescue(source: nn.Module, example_inputs, reference: list[Tensor], rtol: fl
                 culprits.add(name)
     if not culprits:
         raise failure
+    names = ", ".join(map(repr, sorted(culprits)))
     small, _ = _compacted_copy(source, example_inputs, min_width, False, scatter=frozenset(culprits))
+    try:
+        check_equivalent(small, reference, example_inputs, rtol)
+        return small
+    except CompactionError as exc:
+        scattered = exc
+    small, _ = _compacted_copy(source, example_inputs, min_width, False, keep=frozenset(culprits))
     try:
         check_equivalent(small, reference, example_inputs, rtol)
     except CompactionError as exc:
         raise CompactionError(
-            f"removing the dead units of gated layer(s) {', '.join(map(repr, sorted(culprits)))} changes the "
-            f"model's outputs, even when they are scattered back to full width: {exc}") from exc
+            f"removing the dead units of gated layer(s) {names} changes the model's outputs, even when "
+            f"they are scattered back to full width: {scattered}") from exc
+    warnings.warn(
+        f"compact kept every unit of {names}: removing their dead units changed the outputs, and so did "
+        f"computing only their live units ({str(scattered).splitlines()[0]}); the dead units output zero, "
+        "as in the gated model", stacklevel=3)
     return small
 
 
@@ -508,11 +522,13 @@ def plain_weights(model: nn.Module) -> list[str]:
 
 def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_streams: bool,
                     only: str | None = None, scatter: frozenset[str] = frozenset(),
-                    keep_heads: frozenset[str] = frozenset()) -> tuple[nn.Module, bool]:
+                    keep_heads: frozenset[str] = frozenset(),
+                    keep: frozenset[str] = frozenset()) -> tuple[nn.Module, bool]:
     """The compacted copy of ``source`` (unchecked), and whether a stream was narrowed
     (``only``: remove the dead units of that gated layer alone; ``scatter``: gated layers
     to scatter back to full width whatever their consumers; ``keep_heads``: attention
-    modules whose head gates are folded but whose dead heads stay)."""
+    modules whose head gates are folded but whose dead heads stay; ``keep``: gated layers
+    whose gates are folded but whose dead units stay)."""
     try:
         small = copy.deepcopy(source).eval()
     except Exception as exc:
@@ -522,7 +538,7 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
     tied = coupling.tied_layers(small)
     with torch.no_grad():
         heads = [h for h in attention.take_head_gates(small, min_width) if h.name not in keep_heads]
-        gated = _collect(small, min_width, tied, only)
+        gated = _collect(small, min_width, tied, only, keep)
     attention.keep_nested_tensors_off(small)
     detach(small)
     for p in small.parameters():

@@ -191,3 +191,23 @@ def test_budget_reaches_a_third_of_the_flops_on_the_zoo(family):
     assert budget.current() == pytest.approx(got, rel=1e-9)
     assert budget.summary(got)["ok"] and budget.message(got) is None
     assert_same_outputs(model, small, fresh)
+
+
+def test_width_model_prices_a_layer_compact_keeps_whole():
+    from test_zoo_cnn import SplitByWidth
+
+    torch.manual_seed(0)
+    model = SplitByWidth()
+    gates = dam.attach(model)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compact's warning that cv1.0 keeps its units
+        wm = WidthModel(model, x)
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            for g in gates.values():
+                g.beta.data.fill_(-float(torch.rand((), generator=gen)) * 4)
+            real = dam.count(dam.compact(model, x), x[:1])
+            for metric in ("flops", "params"):
+                said = float(wm.cost(live_counts(model).clamp(min=1), metric))
+                assert abs(said / real[metric] - 1) < 0.01, (seed, metric, said, real[metric])

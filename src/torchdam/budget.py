@@ -83,7 +83,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from torchdam import attention, coupling
-from torchdam.attach import LINEAR_LIKE, detach, gate_paths, named_gates, unwrap, widths
+from torchdam.attach import LINEAR_LIKE, _units, detach, gate_paths, named_gates, unwrap, widths
 from torchdam.calling import as_tuple, run_eval
 from torchdam.compact import ScatterUnits, compact, plain_weights
 from torchdam.count import FlopCounter
@@ -176,13 +176,13 @@ class WidthModel:
         self.head_gates = frozenset(heads)
         sides = self._trace(work, dg, info, heads, inputs)
         self._compile(work, sides, calls, heads)
-        rescued, larger = self._verify(source, example_inputs)
+        rescued, kept, larger = self._verify(source, example_inputs)
         if larger is not None:
             # compact's fallbacks after a failed output check: the layers at fault scattered
-            # back, and no residual stream narrowed
-            sides = self._trace(work, dg, info, heads, inputs, rescued, narrow=False)
+            # back (or keeping every unit), and no residual stream narrowed
+            sides = self._trace(work, dg, info, heads, inputs, rescued, narrow=False, kept=kept)
             self._compile(work, sides, calls, heads)
-            _, larger = self._verify(source, example_inputs)
+            *_, larger = self._verify(source, example_inputs)
             if larger is not None:
                 raise AttachError(larger)
 
@@ -239,7 +239,8 @@ class WidthModel:
 
     def _trace(self, work: nn.Module, dg: tp.DependencyGraph | None, info,
                heads: dict[int, tuple[nn.Module, attention.Heads]], inputs,
-               scattered: frozenset[int] = frozenset(), narrow: bool = True) -> dict[tuple[int, str], _Side]:
+               scattered: frozenset[int] = frozenset(), narrow: bool = True,
+               kept: frozenset[int] = frozenset()) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
         customized = (*attention.customized_pruners(), nn.GroupNorm)
         sides: dict[tuple[int, str], _Side] = {}
@@ -279,7 +280,7 @@ class WidthModel:
             add(module, _UNITS, range(n), (i,), n, n)
         producers = {}
         for i, (producer_name, host_name, n) in enumerate(info):
-            if i not in heads:
+            if i not in heads and i not in kept:  # a kept gate's units stay: its width costs the same
                 producers[i] = (work.get_submodule(producer_name), work.get_submodule(host_name), n)
         if not producers:
             return sides
@@ -344,12 +345,12 @@ class WidthModel:
                     add(module, side, idxs, tuple(sorted(members)), n)
         return sides
 
-    def _verify(self, source: nn.Module, example_inputs) -> tuple[frozenset[int], str | None]:
+    def _verify(self, source: nn.Module, example_inputs) -> tuple[frozenset[int], frozenset[int], str | None]:
         """Compacts a copy of ``source`` with every gate at half its units and compares with
         :meth:`cost`. Returns the gates priced as removed that compact scattered back (it does
         when the compacted outputs differ, e.g. an op Torch-Pruning takes for per-channel
-        mixes channels), and why the compacted model is larger than priced (None if it is
-        not). Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a
+        mixes channels), those whose units it kept (when scattering them back differs too),
+        and why the compacted model is larger than priced (None if it is not). Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a
         trained one need not (see :meth:`_removable`)."""
         half = copy.deepcopy(source)
         gates = [(name, g) for name, _, g in gate_paths(half)]
@@ -368,15 +369,19 @@ class WidthModel:
         rescued = frozenset(i for i, (_, g) in enumerate(gates)
                             if i not in self.head_gates and i not in self._scattered
                             and isinstance(small.get_submodule(hosts[i]), ScatterUnits))
+        kept = frozenset(i for i, (name, g) in enumerate(gates)
+                         if i not in self.head_gates and i not in rescued and live[i] < g.n
+                         and not isinstance(small.get_submodule(hosts[i]), ScatterUnits)
+                         and _units(small.get_submodule(name))[0] == g.n)
         real = measure(small, _one_sample(example_inputs))
         for metric in METRICS:
             said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))
             if real[metric] > said * (1 + 1e-9) + 1e-6:
                 where = ", ".join(repr(gates[i][0]) for i in sorted(rescued)) or type(source).__name__
-                return rescued, (f"a budget cannot price {where}: compacted with half of every gated layer's "
+                return rescued, kept, (f"a budget cannot price {where}: compacted with half of every gated layer's "
                                  f"units it has {real[metric]} {metric}, more than the width model's {said:.0f} "
                                  "(a budget would land above its target)")
-        return rescued, None
+        return rescued, kept, None
 
     @staticmethod
     def _side(dg: tp.DependencyGraph, dep) -> str:

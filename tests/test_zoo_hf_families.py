@@ -351,3 +351,21 @@ def test_heads_whose_removal_changes_the_outputs_are_kept_with_a_warning_naming_
     assert small.mlp.out_features == dam.widths(model)["mlp"][0] < FFN  # units still removed
     with torch.no_grad():
         assert torch.allclose(small(fresh), model(fresh), atol=1e-5)
+
+
+def test_width_model_prices_heads_compact_keeps():
+    torch.manual_seed(0)
+    model = PerHeadScaleNet().eval()
+    gates = dam.attach(model)
+    x = torch.randn(2, SEQ, H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compact's warning that attn keeps its heads
+        wm = WidthModel(model, x)
+        for beta in (-1.0, -2.5):
+            with torch.no_grad():
+                for g in gates.values():
+                    g.beta.fill_(beta)
+                real = dam.count(dam.compact(model, x), x[:1])
+            for metric in ("flops", "params"):
+                said = float(wm.cost(live_counts(model).clamp(min=1), metric))
+                assert abs(said / real[metric] - 1) < 0.01, (beta, metric, said, real[metric])

@@ -275,6 +275,9 @@ class WidthModel:
         # module's own work and parameters (scores, a packed in-projection), per unit
         for i, (module, layout) in heads.items():
             n = info[i][2]
+            if i in kept:  # compact keeps its heads: their work stays whatever the gate's width
+                sides[(id(module), _UNITS)] = _Side(n)
+                continue
             for cut in layout.cuts(module):
                 add(cut.layer, cut.side, range(cut.per_unit * cut.parts * n), (i,), n, cut.total)
             add(module, _UNITS, range(n), (i,), n, n)
@@ -370,9 +373,8 @@ class WidthModel:
                             if i not in self.head_gates and i not in self._scattered
                             and isinstance(small.get_submodule(hosts[i]), ScatterUnits))
         kept = frozenset(i for i, (name, g) in enumerate(gates)
-                         if i not in self.head_gates and i not in rescued and live[i] < g.n
-                         and not isinstance(small.get_submodule(hosts[i]), ScatterUnits)
-                         and _units(small.get_submodule(name))[0] == g.n)
+                         if i not in rescued and live[i] < g.n and self._whole(small.get_submodule(name),
+                                                                               small.get_submodule(hosts[i]), g.n))
         real = measure(small, _one_sample(example_inputs))
         for metric in METRICS:
             said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))
@@ -382,6 +384,14 @@ class WidthModel:
                                  f"units it has {real[metric]} {metric}, more than the width model's {said:.0f} "
                                  "(a budget would land above its target)")
         return rescued, kept, None
+
+    @staticmethod
+    def _whole(producer: nn.Module, host: nn.Module, n: int) -> bool:
+        """Whether compact left all ``n`` units of a gated layer or attention module."""
+        layout = attention.heads_of(producer)
+        if layout is not None:
+            return layout.layout(producer)[0] == n
+        return not isinstance(host, ScatterUnits) and _units(producer)[0] == n
 
     @staticmethod
     def _side(dg: tp.DependencyGraph, dep) -> str:

@@ -875,12 +875,16 @@ class Branchy(nn.Module):
         return self.head(F.relu(self.a(h) if x.shape[0] > 1 else self.b(h)))
 
 
-def test_gated_layer_not_reached_by_example_inputs_is_named():
+def test_gated_layer_not_reached_by_example_inputs_is_kept_whole_and_named():
+    """An unused module (a pooler a task head skips) must not stop compaction; the warning
+    says that the branches the inputs did not take are not compacted for."""
     model = Branchy()
     for g in dam.attach(model).values():
         g.beta.data.fill_(-2.0)
-    with pytest.raises(CompactionError, match="layer 'b' was not reached by example_inputs"):
-        dam.compact(model, torch.randn(2, 4))
+    with pytest.warns(UserWarning, match="layer 'b' was not reached by example_inputs: compact keeps all its units"):
+        small = dam.compact(model, torch.randn(2, 4))
+    assert small.b.out_features == 8 and small.a.out_features == dam.widths(model)["a"][0] < 8
+    assert_same_outputs(model, small, torch.randn(3, 4))
     assert "supports the input shapes" in dam.compact.__doc__
 
 

@@ -31,7 +31,7 @@ from zoo_checks import assert_no_dam_state, assert_save_load_round_trip
 import torchdam as dam
 from torchdam.attention import heads_of
 from torchdam.budget import TOLERANCE, WidthModel, _beta_for, live_counts
-from torchdam.calling import call, compared_outputs
+from torchdam.calling import call, compared_outputs, run_eval
 from torchdam.compact import ScatterUnits
 from torchdam.train import TrainConfig, Trainer
 
@@ -126,6 +126,31 @@ FAMILIES = [
         num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, **INIT)), image, 0),
     Family("mobilenet_v2", lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
         num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=3, **INIT)), image, 0),
+    # the older ViT attention (q/k/v in an ``attention`` child, split by num_attention_heads)
+    Family("dpt", lambda: T.DPTForDepthEstimation(T.DPTConfig(
+        image_size=32, patch_size=8, hidden_size=H, num_hidden_layers=4, num_attention_heads=HEADS,
+        intermediate_size=FFN, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], **INIT)), image, 4),  # an unused fusion layer
+    Family("mobilevit", lambda: T.MobileViTForImageClassification(T.MobileViTConfig(
+        image_size=32, patch_size=2, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
+        num_attention_heads=2, num_labels=3, **INIT)), image, 9),  # convolutions and attention
+    # samples patches even in eval (its random shuffle): compact compares under one seed
+    Family("vit_mae", lambda: T.ViTMAEModel(T.ViTMAEConfig(
+        image_size=32, patch_size=8, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=FFN, **INIT)), image, 2),
+    # its pooler is not used by the classifier: kept whole, with a warning
+    Family("bigbird", lambda: T.BigBirdForSequenceClassification(T.BigBirdConfig(
+        vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
+        max_position_embeddings=64, attention_type="original_full", sep_token_id=2, **INIT)), text, 2),
+    # time series
+    Family("patchtst", lambda: T.PatchTSTForPrediction(T.PatchTSTConfig(
+        num_input_channels=3, context_length=32, patch_length=8, patch_stride=8, prediction_length=4, d_model=H,
+        num_attention_heads=HEADS, num_hidden_layers=LAYERS, ffn_dim=FFN, **INIT)),
+        lambda b, g: {"past_values": torch.randn(b, 32, 3, generator=g)}, 2),
+    # a state-space model: no attention; its mixers' projections gated as layers
+    Family("mamba", lambda: T.MambaForCausalLM(T.MambaConfig(
+        vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, state_size=4, expand=2, conv_kernel=4, **INIT)),
+        lambda b, g: {"input_ids": torch.randint(3, VOCAB, (b, SEQ), generator=g)}, 0),
     # audio: a conv feature extractor with a grouped positional conv
     Family("wav2vec2", lambda: T.Wav2Vec2ForSequenceClassification(T.Wav2Vec2Config(
         vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -152,7 +177,8 @@ def time_limit(seconds: int):
 
 
 def outputs(model: nn.Module, inputs: dict) -> list[torch.Tensor]:
-    return compared_outputs(call(model, inputs))
+    """As compact compares them: eval mode, one fixed seed (ViT-MAE samples in eval)."""
+    return run_eval(model, inputs)
 
 
 @dataclass
@@ -172,7 +198,7 @@ def compacted(name: str) -> Compacted:
     gates = dam.attach(model)
     model.train()  # one step with the penalty: the gated forward trains and the betas move
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    out = outputs(model, family.inputs(2, gen))[0]
+    out = compared_outputs(call(model, family.inputs(2, gen)))[0]
     loss = F.mse_loss(out, torch.zeros_like(out)) + dam.penalty(model, 1.0)
     loss.backward()
     opt.step()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -534,25 +535,33 @@ HF_PROJECTION_NAMES: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "dense"),     # Phi
     ("q_lin", "k_lin", "v_lin", "out_lin"),      # DistilBERT
 )
-#: BERT's copies (RoBERTa, XLM-R, ELECTRA, ...): q/k/v in a ``self`` child, the output
-#: projection in an ``output`` child.
-HF_NESTED_PROJECTIONS = ("self.query", "self.key", "self.value", "output.dense")
+#: BERT's copies (RoBERTa, XLM-R, ELECTRA, ...) and the older ViT's (DPT, MobileViT, ...):
+#: q/k/v in a ``self`` / ``attention`` child, the output projection in an ``output`` child.
+HF_NESTED_PROJECTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("self.query", "self.key", "self.value", "output.dense"),
+    ("attention.query", "attention.key", "attention.value", "output.dense"),
+)
+#: Head-count attributes a forward may split its projections by, updated on removal.
+HF_HEAD_COUNT = ("num_heads", "num_attention_heads")
 #: Attributes holding the head size, as the standard forward names them.
 HF_HEAD_SIZE = ("head_dim", "attention_head_size")
 
 
 @functools.cache
-def _splits_heads_by_width(cls: type, head_size: str, by_count: bool = False) -> bool:
+def _splits_heads_by_width(cls: type, head_size: str, count: str | None = None) -> bool:
     """Whether ``cls.forward`` reshapes its projections as ``(*input_shape, -1, <head_size>)``
     (e.g. ``self.head_dim``; Hugging Face's standard attention since v4.48): its head counts
-    then follow the projections, so removing heads needs no other change. ``by_count``: or as
-    ``(..., self.num_heads, <head_size>)`` (OPT), which works once ``num_heads`` is updated."""
+    then follow the projections, so removing heads needs no other change. ``count``: or as
+    ``(..., self.<count>, <head_size>)`` (OPT's ``num_heads``, the older ViT's
+    ``num_attention_heads``), which works once that count is updated."""
     size = head_size if " " in head_size else f"self.{head_size}"
     try:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
-    return f", -1, {size})" in source or by_count and f", self.num_heads, {size})" in source
+    end = r"\s*(\)|$)"  # closes the shape: a call's argument list, or a tuple ending the line (DPT)
+    return bool(re.search(rf", -1, {re.escape(size)}{end}", source, re.MULTILINE) or count is not None and
+                re.search(rf", self\.{count}, {re.escape(size)}{end}", source, re.MULTILINE))
 
 
 def _per_head_tensors(module: nn.Module, known: list, head_dim: int) -> bool:
@@ -584,13 +593,16 @@ def standard_hf_heads(module: nn.Module) -> Heads | None:
                 module, [qkv, o], size):
             return InterleavedHeads("query_key_value", "dense", "head_size")
         return None
-    nested = isinstance(getattr(module, "self", None), nn.Module)
-    inner, prefix = (module.get_submodule("self"), "self.") if nested else (module, "")
-    candidates = (HF_NESTED_PROJECTIONS,) if nested else HF_PROJECTION_NAMES
-    names = next((n for n in candidates if all(_linear_at(module, p) is not None for p in n)), None)
+    names = next((n for n in (*HF_PROJECTION_NAMES, *HF_NESTED_PROJECTIONS)
+                  if all(_linear_at(module, p) is not None for p in n)), None)
+    if names is None:
+        return None
+    nested = names in HF_NESTED_PROJECTIONS
+    prefix = names[0].rpartition(".")[0] + "." if nested else ""
+    inner = module.get_submodule(prefix[:-1]) if nested else module
     size = next((a for a in HF_HEAD_SIZE if isinstance(getattr(inner, a, None), int)), None)
-    by_count = isinstance(getattr(inner, "num_heads", None), int)  # updated on removal
-    if names is None or size is None or not _splits_heads_by_width(type(inner), size, by_count):
+    count = next((a for a in HF_HEAD_COUNT if isinstance(getattr(inner, a, None), int)), None)
+    if size is None or not _splits_heads_by_width(type(inner), size, count):
         return None
     d = getattr(inner, size)
     q, k, v, o = (_linear_at(module, p) for p in names)

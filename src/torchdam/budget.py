@@ -284,7 +284,12 @@ class WidthModel:
         producers = {}
         for i, (producer_name, host_name, n) in enumerate(info):
             if i not in heads and i not in kept:  # a kept gate's units stay: its width costs the same
-                producers[i] = (work.get_submodule(producer_name), work.get_submodule(host_name), n)
+                producer, host = work.get_submodule(producer_name), work.get_submodule(host_name)
+                reached = producer in dg.module2node and (
+                    host in dg.module2node or dg.get_pruner_of_module(host) is None)
+                if dg.get_pruner_of_module(producer) is not None and not reached:
+                    continue  # not reached by the inputs: compact keeps it whole, so its width costs nothing
+                producers[i] = (producer, host, n)
         if not producers:
             return sides
         partners = attention.shared_units(work)
@@ -296,8 +301,6 @@ class WidthModel:
             if pruner is None:
                 raise AttachError(f"a budget cannot trace gated layer {name!r}: Torch-Pruning has no "
                                   f"rule for {type(producer).__name__}")
-            if producer not in dg.module2node:
-                raise AttachError(f"a budget cannot trace gated layer {name!r}: example_inputs do not reach it")
             # as compact sees a layer whose every unit is dead: which units go is DAM's order
             layers[i] = coupling.GatedLayer(name, producer, info[i][1], host, -1, n, [], list(range(n)))
             try:
@@ -350,11 +353,12 @@ class WidthModel:
 
     def _verify(self, source: nn.Module, example_inputs) -> tuple[frozenset[int], frozenset[int], str | None]:
         """Compacts a copy of ``source`` with every gate at half its units and compares with
-        :meth:`cost`. Returns the gates priced as removed that compact scattered back (it does
-        when the compacted outputs differ, e.g. an op Torch-Pruning takes for per-channel
-        mixes channels), those whose units it kept (when scattering them back differs too),
-        and why the compacted model is larger than priced (None if it is not). Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a
-        trained one need not (see :meth:`_removable`)."""
+        :meth:`cost`. Returns the gates priced as removed that compact scattered back (it
+        does when the compacted outputs differ, e.g. an op Torch-Pruning takes for
+        per-channel mixes channels), those whose units it kept (when scattering them back
+        differs too), and why the compacted model is larger than priced (None if it is not).
+        Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a trained
+        one need not (see :meth:`_removable`)."""
         half = copy.deepcopy(source)
         gates = [(name, g) for name, _, g in gate_paths(half)]
         hosts = [host for _, host, _ in gate_paths(half)]

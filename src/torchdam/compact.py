@@ -47,9 +47,10 @@ DAM gates decide *what* goes; this module decides *how*, in these steps on a cop
 Finally the compacted copy is checked against the gated model on ``example_inputs``; if it
 differs, attention modules whose head removal is at fault keep their heads (with a warning
 naming them), else the gated layers whose removal alone is not exact are scattered back as
-in step 3, or keep all their units if even that differs (:func:`_rescue`). Per-layer rules live in small tables (:data:`FOLDERS`,
-:data:`torchdam.coupling.TP_PRUNERS`) that users can extend; the graph questions
-(which layers share a layer's units) are :mod:`torchdam.coupling`'s.
+in step 3, or keep all their units if even that differs (:func:`_rescue`). Per-layer rules
+live in small tables (:data:`FOLDERS`, :data:`torchdam.coupling.TP_PRUNERS`) that users can
+extend; the graph questions (which layers share a layer's units) are
+:mod:`torchdam.coupling`'s.
 """
 from __future__ import annotations
 
@@ -554,9 +555,13 @@ def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_st
     removable: list[tuple[coupling.GatedLayer, dict[nn.Module, list[int]]]] = []
     stream = []
     for layer in gated:
-        for module, name in ((layer.producer, layer.name), (layer.host, layer.host_name)):
-            if module not in dg.module2node and dg.get_pruner_of_module(module) is not None:
-                coupling.coupled_group(dg, module, name, [])  # raises: not reached
+        if layer.dead and any(m not in dg.module2node and dg.get_pruner_of_module(m) is not None
+                              for m in (layer.producer, layer.host)):
+            warnings.warn(
+                f"layer {layer.name!r} was not reached by example_inputs: compact keeps all its units (its "
+                "gate folded, dead units output zero). The compacted model runs the branches example_inputs "
+                "took; pass inputs that take every branch to compact it too", stacklevel=4)
+            layer.keep, layer.dead = list(range(layer.total)), []
         if not layer.dead:
             continue
         try:

@@ -1038,6 +1038,36 @@ def test_units_mixed_by_an_op_the_graph_takes_for_channelwise_are_scattered_back
     assert_same_outputs(model, small, torch.randn(3, 3, 6, 6))
 
 
+def test_the_layer_at_fault_is_found_in_a_few_compactions_among_many_gates():
+    """One culprit among 24 gated layers: halving finds it in about 2 log2(24) compactions,
+    not one per gate (a large model's check would otherwise take minutes)."""
+    import importlib
+    from unittest import mock
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 1), nn.ReLU()]
+    for i in range(23):
+        layers += [nn.Conv2d(8, 8, 1), nn.ReLU()] + ([ChannelMeanNorm()] if i == 11 else [])
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 16, 2))
+    with torch.no_grad():  # near-identity 1x1 convs: the signal reaches the norm undiminished
+        for conv in model[2:-2]:
+            if isinstance(conv, nn.Conv2d):
+                conv.weight.copy_(torch.eye(8).view(8, 8, 1, 1) + 0.05 * torch.randn(8, 8, 1, 1))
+                conv.bias.zero_()
+    gates = dam.attach(model)
+    assert len(gates) == 24
+    for g in gates.values():
+        g.beta.data.fill_(-2.0)
+    compact_module = importlib.import_module("torchdam.compact")
+    copies = mock.Mock(wraps=compact_module._compacted_copy)
+    with mock.patch.object(compact_module, "_compacted_copy", copies):
+        small = dam.compact(model, torch.randn(2, 3, 4, 4))
+    scattered = [n for n, m in small.named_modules() if isinstance(m, ScatterUnits)]
+    assert scattered == ["24"]  # the conv before the norm over channels, and only it
+    assert copies.call_count <= 16, copies.call_count  # one per gate would be 24 and more
+    assert_same_outputs(model, small, torch.randn(3, 3, 4, 4))
+
+
 def test_inexact_compaction_names_the_gated_layer_at_fault():
     from torchdam.compact import FOLDERS
 

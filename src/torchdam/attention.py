@@ -488,7 +488,18 @@ def _linear_children(module: nn.Module, names: tuple[str, ...]) -> bool:
     return _from_transformers(module) and all(_linear_at(module, n, exact=False) is not None for n in names)
 
 
+#: Hugging Face patch embeddings: (class-name ending, child) whose child writes the residual
+#: stream, as ViT's ``projection`` does (:data:`NOT_GATED`): its width is the hidden size.
+HF_PATCH_EMBEDDINGS = (("PatchEmbeddings", "projection"), ("VisionEmbeddings", "patch_embedding"))
+
+
 def _standard_not_gated(module: nn.Module) -> tuple[str, ...]:
+    if _from_transformers(module):
+        name = type(module).__name__
+        found = tuple(c for end, c in HF_PATCH_EMBEDDINGS
+                      if name.endswith(end) and isinstance(getattr(module, c, None), nn.Module))
+        if found:
+            return found
     if _linear_children(module, HF_GATED_MLP):
         return ("gate_proj", "down_proj")
     return next(((second,) for first, second in HF_PLAIN_MLPS if _linear_children(module, (first, second))), ())

@@ -178,10 +178,10 @@ class ScatterUnits(nn.Module):
         return f"live={self.index.numel()}, total={self.total}, axis={self.axis}"
 
 
-def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only: str | None = None,
+def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only: frozenset[str] | None = None,
              keep: frozenset[str] = frozenset()) -> list[coupling.GatedLayer]:
     """Folds every gate into its host and lists the gated layers with their live/dead units
-    (``only``: the dead units of that layer alone are to be removed; the others stay, as zeros;
+    (``only``: the dead units of those layers alone are to be removed; the others stay, as zeros;
     ``keep``: layers whose dead units stay, as zeros)."""
     gated = []
     for name, host_name, gate in gate_paths(small):
@@ -210,7 +210,7 @@ def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only:
                 f"cannot compact gated layer {host_name!r} of type {type(host).__name__}: no folding "
                 "rule; register one with torchdam.register_folder(layer_type, fold)")
         fold(host, g)
-        if (only is not None and name != only) or name in keep:
+        if (only is not None and name not in only) or name in keep:
             live = list(range(gate.n))
         dead = sorted(set(range(gate.n)) - set(live))
         axis = gate.axis if gate.axis is not None else 1
@@ -357,10 +357,29 @@ def _rescue(source: nn.Module, example_inputs, reference: list[Tensor], rtol: fl
     kept = _keep_failing_heads(source, example_inputs, reference, rtol, min_width)
     if kept is not None:
         return kept
-    culprits = set()
+
+    def exact(names: list[str]) -> bool:
+        try:
+            check_equivalent(_compacted_copy(source, example_inputs, min_width, False, only=frozenset(names))[0],
+                             reference, example_inputs, rtol)
+        except CompactionError:
+            return False
+        return True
+
+    def at_fault(names: list[str]) -> set[str]:
+        """The layers among ``names`` whose removal is not exact, by halving (a few culprits
+        among many gates cost a few compactions each, not one per gate); a set that fails
+        while each half passes is at fault as a whole."""
+        if exact(names):
+            return set()
+        if len(names) == 1:
+            return set(names)
+        half = len(names) // 2
+        return at_fault(names[:half]) | at_fault(names[half:]) or set(names)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        folded, _ = _compacted_copy(source, example_inputs, min_width, False, only="")  # removes nothing
+        folded, _ = _compacted_copy(source, example_inputs, min_width, False, only=frozenset())  # removes nothing
         try:
             check_equivalent(folded, reference, example_inputs, rtol)
         except CompactionError as exc:
@@ -368,12 +387,9 @@ def _rescue(source: nn.Module, example_inputs, reference: list[Tensor], rtol: fl
             if bad is None:
                 raise
             raise bad from exc
-        for name, _ in named_gates(source):
-            try:
-                check_equivalent(_compacted_copy(source, example_inputs, min_width, False, only=name)[0],
-                                 reference, example_inputs, rtol)
-            except CompactionError:
-                culprits.add(name)
+        names = [name for name, _ in named_gates(source)]
+        half = len(names) // 2  # the whole set is known to fail: start from its halves
+        culprits = (at_fault(names[:half]) | at_fault(names[half:]) or set(names)) if len(names) > 1 else set(names)
     if not culprits:
         raise failure
     names = ", ".join(map(repr, sorted(culprits)))
@@ -522,11 +538,11 @@ def plain_weights(model: nn.Module) -> list[str]:
 
 
 def _compacted_copy(source: nn.Module, example_inputs, min_width: int, narrow_streams: bool,
-                    only: str | None = None, scatter: frozenset[str] = frozenset(),
+                    only: frozenset[str] | None = None, scatter: frozenset[str] = frozenset(),
                     keep_heads: frozenset[str] = frozenset(),
                     keep: frozenset[str] = frozenset()) -> tuple[nn.Module, bool]:
     """The compacted copy of ``source`` (unchecked), and whether a stream was narrowed
-    (``only``: remove the dead units of that gated layer alone; ``scatter``: gated layers
+    (``only``: remove the dead units of those gated layers alone; ``scatter``: gated layers
     to scatter back to full width whatever their consumers; ``keep_heads``: attention
     modules whose head gates are folded but whose dead heads stay; ``keep``: gated layers
     whose gates are folded but whose dead units stay)."""

@@ -78,6 +78,9 @@ FAMILIES = [
     Family("phi", decoder_lm(T.PhiConfig, T.PhiForCausalLM), text, 2),
     Family("mixtral", decoder_lm(T.MixtralConfig, T.MixtralForCausalLM, num_key_value_heads=2,
                                  num_local_experts=4, num_experts_per_tok=2), text, 2),
+    # q/k/v packed [q | k | v] under GQA, the query width read from the (shared) config;
+    # gate and up projections packed in one layer
+    Family("phi3", decoder_lm(T.Phi3Config, T.Phi3ForCausalLM, num_key_value_heads=2, pad_token_id=0), text, 2),
     # per-head attention sinks: not standard, its projections are gated as layers
     Family("gpt_oss", decoder_lm(T.GptOssConfig, T.GptOssForCausalLM, num_key_value_heads=2, head_dim=8,
                                  num_local_experts=4, num_experts_per_tok=2), text, 0),
@@ -227,7 +230,7 @@ def test_default_attach_compacts_exactly_and_smaller(name):
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_standard_attention_heads_are_the_units_and_leave(name):
     c, family = compacted(name), FAMILY[name]
-    head_gates = [n for n in c.gates if heads_of(c.gated.get_submodule(n)) is not None]
+    head_gates = [n for n in c.gates if getattr(heads_of(c.gated.get_submodule(n)), "heads", False)]
     assert len(head_gates) == family.heads, head_gates
     for n in head_gates:
         live, total = dam.widths(c.gated)[n]
@@ -239,7 +242,33 @@ def test_standard_attention_heads_are_the_units_and_leave(name):
             assert not isinstance(getattr(proj, "dam_gate", None), nn.Module)  # never gated as layers
 
 
-@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "gpt_neox", "swin", "gpt_oss"])
+def test_a_packed_gate_up_mlp_is_gated_by_its_hidden_units():
+    """Phi-3's ``gate_up_proj`` packs gate and up; a unit is one hidden channel: one row of
+    each half and one input of ``down_proj``, gated at ``down_proj``'s input."""
+    c = compacted("phi3")
+    for layer in range(LAYERS):
+        name = f"model.layers.{layer}.mlp"
+        live, total = dam.widths(c.gated)[name]
+        assert total == FFN and 0 < live < total
+        mlp = c.small.get_submodule(name)
+        assert mlp.gate_up_proj.out_features == 2 * live and mlp.down_proj.in_features == live
+        assert not isinstance(getattr(c.gated.get_submodule(name).gate_up_proj, "dam_gate", None), nn.Module)
+    assert dam.attach(FAMILY["phi3"].build(), heads=False).keys() == {f"model.layers.{i}.mlp" for i in range(LAYERS)}
+
+
+def test_phi3_attention_reads_its_own_head_count_after_compaction():
+    """Phi-3 slices its packed q/k/v by ``config.num_attention_heads``; compact gives each
+    attention module whose heads it removes a config of its own and leaves the model's alone."""
+    c = compacted("phi3")
+    assert c.gated.config.num_attention_heads == HEADS and c.small.config.num_attention_heads == HEADS
+    for layer in range(LAYERS):
+        attn = c.small.model.layers[layer].self_attn
+        live, _ = dam.widths(c.gated)[f"model.layers.{layer}.self_attn"]
+        assert attn.config.num_attention_heads == live * HEADS // 2 and attn.num_key_value_heads == live
+        assert attn.config is not c.small.config
+
+
+@pytest.mark.parametrize("name", ["mistral", "phi3", "bart", "roberta", "gpt_neox", "swin", "gpt_oss"])
 def test_compacted_family_saves_and_loads_exactly(name, tmp_path):
     c = compacted(name)
     assert_save_load_round_trip(c.small, c.fresh, tmp_path / name)
@@ -281,7 +310,7 @@ def test_scattered_layer_reads_like_the_layer_it_replaced():
         getattr(wrapped, "no_such_attribute")  # noqa: B009
 
 
-@pytest.mark.parametrize("name", ["mistral", "bart", "roberta", "gpt_neox", "opt", "swin", "bloom", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mistral", "phi3", "bart", "roberta", "gpt_neox", "opt", "swin", "bloom", "gpt_oss"])
 def test_budget_width_model_prices_what_compact_gives(name):
     """``--target-flops`` rests on the width model: its price of a set of widths must be
     what ``count(compact(model))`` measures, on these families too."""

@@ -42,6 +42,7 @@ output widths do not change), so no dependency graph is needed for it. An
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -139,9 +140,16 @@ def _sub(module: nn.Module, path: str) -> nn.Module:
     return module.get_submodule(path) if path else module
 
 
+def _owner(module: nn.Module, path: str):
+    """The object holding the attribute at dotted ``path`` (a submodule, or a config)."""
+    owner = module
+    for name in path.split(".")[:-1]:
+        owner = getattr(owner, name)
+    return owner
+
+
 def _get(module: nn.Module, path: str):
-    owner, _, attr = path.rpartition(".")
-    return getattr(_sub(module, owner), attr)
+    return getattr(_owner(module, path), path.rpartition(".")[2])
 
 
 def _linear_at(module: nn.Module, path: str, exact: bool = True) -> nn.Linear | None:
@@ -155,8 +163,7 @@ def _linear_at(module: nn.Module, path: str, exact: bool = True) -> nn.Linear | 
 
 
 def _set(module: nn.Module, path: str, value) -> None:
-    owner, _, attr = path.rpartition(".")
-    setattr(_sub(module, owner), attr, value)
+    setattr(_owner(module, path), path.rpartition(".")[2], value)
 
 
 def _out_width(layer: nn.Module) -> int:
@@ -214,6 +221,9 @@ class HeadCut:
     side: str
     per_unit: int
     parts: int = 1
+    #: where the units' channels start on the side: a section of a packed layer whose
+    #: sections differ in width (Phi-3's ``[q | k | v]`` under grouped-query attention)
+    start: int = 0
 
     @property
     def total(self) -> int:
@@ -223,7 +233,7 @@ class HeadCut:
     def channels(self, units: list[int]) -> list[int]:
         """The side's channels that belong to ``units``."""
         block = self.total // self.parts
-        return [p * block + c for p in range(self.parts) for c in _channels(units, self.per_unit)]
+        return [p * block + c for p in range(self.parts) for c in _channels(units, self.per_unit, self.start)]
 
 
 class Heads:
@@ -235,6 +245,9 @@ class Heads:
     parameters :meth:`per_unit_parameters` lists; what the module computes itself, outside
     its child layers (the attention scores and their product with the values), is per unit
     too. The module's input and output widths (the model's hidden size) never change."""
+
+    #: whether the units are an attention module's heads (``attach(heads=False)`` skips them)
+    heads = True
 
     def layout(self, m: nn.Module) -> tuple[int, int, int]:
         raise NotImplementedError
@@ -275,8 +288,11 @@ class Heads:
         """Remove the channels of every unit not in ``keep`` from each of :meth:`cuts`."""
         units, _, _ = self.layout(m)
         dead = [u for u in range(units) if u not in set(keep)]
-        for cut in self.cuts(m):
-            (_remove_outputs if cut.side == "out" else _remove_inputs)(cut.layer, cut.channels(dead))
+        gone: dict[tuple[int, str], tuple[nn.Module, set[int]]] = {}
+        for cut in self.cuts(m):  # all of a side's channels at once: sections of one layer shift
+            gone.setdefault((id(cut.layer), cut.side), (cut.layer, set()))[1].update(cut.channels(dead))
+        for (_, side), (layer, channels) in gone.items():
+            (_remove_outputs if side == "out" else _remove_inputs)(layer, sorted(channels))
 
 
 @dataclass
@@ -344,6 +360,82 @@ class InterleavedHeads(Heads):
 
     def remove(self, m: nn.Module, keep: list[int]) -> None:
         self._remove_cuts(m, keep)
+
+
+@dataclass
+class PackedHeads(Heads):
+    """q, k, v packed in one ``nn.Linear`` as ``[q | k | v]``: every query head, then the kv
+    heads' keys, then their values (grouped-query attention: fewer kv heads than query
+    heads); heads concatenated at the output projection: Phi-3. ``counts`` as in
+    :class:`SplitHeads`; a path under ``config.`` is set on a copy of the module's config
+    (Phi-3 reads its query width from it, and the config is shared by every layer)."""
+
+    qkv: str
+    o: str
+    head_dim: str
+    counts: dict[str, Callable[[int, int, int], int]] = field(default_factory=dict)
+
+    def layout(self, m: nn.Module) -> tuple[int, int, int]:
+        d = int(_get(m, self.head_dim))
+        heads = _in_width(_sub(m, self.o)) // d
+        kv = (_out_width(_sub(m, self.qkv)) // d - heads) // 2
+        return kv, heads // kv, d
+
+    def out_projection(self, m: nn.Module) -> nn.Module:
+        return _sub(m, self.o)
+
+    def projections(self, m: nn.Module) -> list[nn.Module]:
+        return [_sub(m, self.qkv), _sub(m, self.o)]
+
+    def cuts(self, m: nn.Module) -> list[HeadCut]:
+        kv, per, d = self.layout(m)
+        qkv, q = _sub(m, self.qkv), kv * per * d
+        return [HeadCut(qkv, "out", per * d), HeadCut(qkv, "out", d, start=q),
+                HeadCut(qkv, "out", d, start=q + kv * d), HeadCut(_sub(m, self.o), "in", per * d)]
+
+    def remove(self, m: nn.Module, keep: list[int]) -> None:
+        _, per, d = self.layout(m)
+        self._remove_cuts(m, keep)
+        if any(path.startswith("config.") for path in self.counts):
+            m.config = copy.copy(m.config)
+        for path, fn in self.counts.items():
+            _set(m, path, fn(len(keep) * per, len(keep), d))
+        return None
+
+
+@dataclass
+class PairedUnits(Heads):
+    """An MLP whose first layer packs two halves that are multiplied together,
+    ``down(act(gate) * up)`` with ``gate, up = first(x).chunk(2, -1)`` (Phi-3's
+    ``gate_up_proj``): its units are the hidden channels, each one channel of both halves
+    and one input of ``down``. Laid out as heads of one channel, so the gate sits at
+    ``down``'s input (a gate on the packed layer would pair its first half's units with
+    nothing). Not an attention module; gated whatever ``attach(heads=...)`` says."""
+
+    first: str
+    down: str
+    heads = False  # a unit gate, not a head gate
+
+    def layout(self, m: nn.Module) -> tuple[int, int, int]:
+        return _in_width(_sub(m, self.down)), 1, 1
+
+    def out_projection(self, m: nn.Module) -> nn.Module:
+        return _sub(m, self.down)
+
+    def projections(self, m: nn.Module) -> list[nn.Module]:
+        return [_sub(m, self.first), _sub(m, self.down)]
+
+    def cuts(self, m: nn.Module) -> list[HeadCut]:
+        return [HeadCut(_sub(m, self.first), "out", 1, parts=2), HeadCut(_sub(m, self.down), "in", 1)]
+
+    def refusal(self, m: nn.Module) -> str | None:
+        if _out_width(_sub(m, self.first)) != 2 * _in_width(_sub(m, self.down)):
+            return f"its {self.first!r} is not twice as wide as {self.down!r}'s input"
+        return None
+
+    def remove(self, m: nn.Module, keep: list[int]) -> None:
+        self._remove_cuts(m, keep)
+        return None
 
 
 class GPT2Heads(Heads):
@@ -438,6 +530,9 @@ HF_ATTENTION: list[tuple[str, str, Heads]] = [
     ("models.vit.modeling_vit", "ViTAttention", SplitHeads(
         "q_proj", "k_proj", "v_proj", "o_proj", "head_dim", {"num_attention_heads": _heads})),
     ("models.gpt2.modeling_gpt2", "GPT2Attention", GPT2Heads()),
+    ("models.phi3.modeling_phi3", "Phi3Attention", PackedHeads(
+        "qkv_proj", "o_proj", "head_dim", {"config.num_attention_heads": _heads, "num_key_value_heads": _kv_heads})),
+    ("models.phi3.modeling_phi3", "Phi3MLP", PairedUnits("gate_up_proj", "down_proj")),
     ("models.llama.modeling_llama", "LlamaAttention", SplitHeads(
         "q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
         {"num_heads": _heads, "num_key_value_heads": _kv_heads})),
@@ -660,9 +755,9 @@ def scan(model: nn.Module, heads: bool) -> tuple[dict[str, Site], set[str]]:
         if layout is not None:
             owned = {id(p) for p in layout.projections(module)}
             skip.update(prefix + n for n, c in module.named_modules() if n and id(c) in owned)
-            if heads and name:
+            if (heads or not layout.heads) and name:
                 units, _, _ = layout.layout(module)
-                sites[name] = Site(name, name, units, -2, "heads")
+                sites[name] = Site(name, name, units, -2, "heads")  # heads, or PairedUnits' units
         for child in not_gated.get(type(module), ()) or _standard_not_gated(module):
             skip.add(prefix + child)
     return sites, skip

@@ -279,7 +279,7 @@ class WidthModel:
                 sides[(id(module), _UNITS)] = _Side(n)
                 continue
             for cut in layout.cuts(module):
-                add(cut.layer, cut.side, range(cut.per_unit * cut.parts * n), (i,), n, cut.total)
+                add(cut.layer, cut.side, cut.channels(list(range(n))), (i,), n, cut.total)
             add(module, _UNITS, range(n), (i,), n, n)
         producers = {}
         for i, (producer_name, host_name, n) in enumerate(info):

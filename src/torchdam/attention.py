@@ -409,8 +409,9 @@ class PairedUnits(Heads):
     ``down(act(gate) * up)`` with ``gate, up = first(x).chunk(2, -1)`` (Phi-3's
     ``gate_up_proj``): its units are the hidden channels, each one channel of both halves
     and one input of ``down``. Laid out as heads of one channel, so the gate sits at
-    ``down``'s input (a gate on the packed layer would pair its first half's units with
-    nothing). Not an attention module; gated whatever ``attach(heads=...)`` says."""
+    ``down``'s input (a gate over the packed layer's ``2n`` outputs would kill its gate rows
+    before any up row, so pairs would die in an order no width model prices). Not an
+    attention module; gated whatever ``attach(heads=...)`` says."""
 
     first: str
     down: str

@@ -70,4 +70,3 @@ def run_eval(model: nn.Module, example_inputs) -> list[Tensor]:
     finally:
         model.train(was_training)
     return compared_outputs(out)
-

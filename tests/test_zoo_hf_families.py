@@ -5,9 +5,9 @@ then the compacted model must give the gated model's outputs on fresh inputs, be
 in parameters and FLOPs, and save/load exactly.
 
 Standard attention (separate q/k/v/output ``nn.Linear`` s, heads split by ``head_dim``) must
-be recognised from its structure: its heads are the units and leave physically. Modules
-that only look standard (Swin's per-head position bias, gpt-oss's attention sinks) must not
-be, and still compact exactly. Grouped-query attention whose projections a user gates as
+be recognised from its structure: its heads are the units and leave physically, with any
+one-value-per-head parameter (gpt-oss's attention sinks). Modules that only look standard
+(Swin's per-head position bias table) must not be, and still compact exactly. Grouped-query attention whose projections a user gates as
 plain layers used to send Torch-Pruning's group search into an endless loop
 (VainF/Torch-Pruning#527): compact must end, exactly, within a time bound.
 
@@ -81,9 +81,9 @@ FAMILIES = [
     # q/k/v packed [q | k | v] under GQA, the query width read from the (shared) config;
     # gate and up projections packed in one layer
     Family("phi3", decoder_lm(T.Phi3Config, T.Phi3ForCausalLM, num_key_value_heads=2, pad_token_id=0), text, 2),
-    # per-head attention sinks: not standard, its projections are gated as layers
+    # per-head attention sinks, cut with the heads
     Family("gpt_oss", decoder_lm(T.GptOssConfig, T.GptOssForCausalLM, num_key_value_heads=2, head_dim=8,
-                                 num_local_experts=4, num_experts_per_tok=2), text, 0),
+                                 num_local_experts=4, num_experts_per_tok=2), text, 2),
     Family("gpt_neox", lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, max_position_embeddings=16, **INIT)), text, 2),  # interleaved q/k/v
@@ -424,3 +424,15 @@ def test_width_model_prices_heads_compact_keeps():
             for metric in ("flops", "params"):
                 said = float(wm.cost(live_counts(model).clamp(min=1), metric))
                 assert abs(said / real[metric] - 1) < 0.01, (beta, metric, said, real[metric])
+
+
+def test_attention_sinks_leave_with_their_heads():
+    c = compacted("gpt_oss")
+    for layer in range(LAYERS):
+        name = f"model.layers.{layer}.self_attn"
+        live, total = dam.widths(c.gated)[name]
+        per = HEADS // total  # query heads per kv unit
+        gated, small = c.gated.get_submodule(name), c.small.get_submodule(name)
+        assert small.sinks.shape == (live * per,) and small.q_proj.out_features == live * per * gated.head_dim
+        keep = [u * per + i for u in range(total - live, total) for i in range(per)]  # DAM kills the low units
+        assert torch.equal(small.sinks, gated.sinks.detach()[keep])

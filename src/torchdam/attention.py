@@ -308,6 +308,11 @@ class SplitHeads(Heads):
     o: str
     head_dim: str
     counts: dict[str, Callable[[int, int, int], int]] = field(default_factory=dict)
+    #: parameters holding one value per query head (attention sinks), cut with the heads
+    per_head: tuple[str, ...] = ()
+
+    def per_unit_parameters(self, m: nn.Module) -> list[Tensor]:
+        return [_get(m, p) for p in self.per_head]
 
     def layout(self, m: nn.Module) -> tuple[int, int, int]:
         d = int(_get(m, self.head_dim))
@@ -329,6 +334,10 @@ class SplitHeads(Heads):
     def remove(self, m: nn.Module, keep: list[int]) -> None:
         _, per, d = self.layout(m)
         self._remove_cuts(m, keep)
+        rows = torch.tensor(_channels(keep, per), dtype=torch.long)
+        for path in self.per_head:
+            old = _get(m, path)
+            _set(m, path, nn.Parameter(old.detach()[rows.to(old.device)].clone(), requires_grad=old.requires_grad))
         for path, fn in self.counts.items():
             _set(m, path, fn(len(keep) * per, len(keep), d))
         return None
@@ -671,13 +680,23 @@ def _splits_heads_by_width(cls: type, head_size: str, count: str | None = None) 
                 re.search(rf", self\.{count}, {re.escape(size)}{end}", source, re.MULTILINE))
 
 
-def _per_head_tensors(module: nn.Module, known: list, head_dim: int) -> bool:
-    """Whether ``module`` holds a tensor, outside ``known`` layers and its DAM gate, other
-    than a per-``head_dim`` one (Qwen3's q/k norms): it may be per head (Swin's position
-    bias, attention sinks), and would not shrink with the heads."""
+def _head_tensors(module: nn.Module, known: list, head_dim: int, heads: int | None = None) -> tuple[str, ...] | None:
+    """The parameters of ``module`` that hold one value per query head (``(heads,)``: gpt-oss's
+    attention sinks), which shrink with the heads; None when it holds, outside ``known``
+    layers and its DAM gate, a tensor that is neither that nor per ``head_dim`` (Qwen3's q/k
+    norms): it may be per head in a way the shape does not show (Swin's position bias), and
+    would not shrink with the heads. A ``(heads,)`` tensor when ``heads == head_dim`` is
+    taken for per ``head_dim`` (the output check catches it if it was not)."""
     ours = [*known, getattr(module, GATE_ATTR, None)]
     owned = {id(t) for c in ours if isinstance(c, nn.Module) for t in [*c.parameters(), *c.buffers()]}
-    return any(tuple(t.shape) != (head_dim,) for t in [*module.parameters(), *module.buffers()] if id(t) not in owned)
+    per_head = []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if id(t) in owned or tuple(t.shape) == (head_dim,):
+            continue
+        if heads is None or tuple(t.shape) != (heads,) or not isinstance(t, nn.Parameter) or "." in name:
+            return None
+        per_head.append(name)
+    return tuple(per_head)
 
 
 def standard_hf_heads(module: nn.Module) -> Heads | None:
@@ -696,8 +715,8 @@ def standard_hf_heads(module: nn.Module) -> Heads | None:
                     getattr(module, "head_size", None))
     if qkv is not None and o is not None and isinstance(size, int):  # GPT-NeoX's interleaved q/k/v
         fits = qkv.out_features % (3 * size) == 0 and o.in_features * 3 == qkv.out_features
-        if fits and _splits_heads_by_width(type(module), "3 * self.head_size") and not _per_head_tensors(
-                module, [qkv, o], size):
+        if fits and _splits_heads_by_width(type(module), "3 * self.head_size") and _head_tensors(
+                module, [qkv, o], size) == ():
             return InterleavedHeads("query_key_value", "dense", "head_size")
         return None
     names = next((n for n in (*HF_PROJECTION_NAMES, *HF_NESTED_PROJECTIONS)
@@ -713,16 +732,17 @@ def standard_hf_heads(module: nn.Module) -> Heads | None:
         return None
     d = getattr(inner, size)
     q, k, v, o = (_linear_at(module, p) for p in names)
-    if _per_head_tensors(inner, [q, k, v, o, getattr(module, GATE_ATTR, None)], d):
-        return None
     heads, kv = q.out_features // d, k.out_features // d
     if (q.out_features % d or k.out_features % d or v.out_features != k.out_features or kv == 0
             or heads % kv or o.in_features != q.out_features):
         return None
+    per_head = _head_tensors(inner, [q, k, v, o, getattr(module, GATE_ATTR, None)], d, heads)
+    if per_head is None:
+        return None
     counts = {prefix + a: fn for a, fn in (("num_heads", _heads), ("num_attention_heads", _heads),
                                            ("num_key_value_heads", _kv_heads), ("all_head_size", _head_width))
               if isinstance(getattr(inner, a, None), int)}
-    return SplitHeads(*names, prefix + size, counts)
+    return SplitHeads(*names, prefix + size, counts, tuple(prefix + t for t in per_head))
 
 
 def heads_of(module: nn.Module) -> Heads | None:

@@ -6,8 +6,9 @@ in parameters and FLOPs, and save/load exactly.
 
 Standard attention (separate q/k/v/output ``nn.Linear`` s, heads split by ``head_dim``) must
 be recognised from its structure: its heads are the units and leave physically, with any
-one-value-per-head parameter (gpt-oss's attention sinks). Modules that only look standard
-(Swin's per-head position bias table) must not be, and still compact exactly. Grouped-query attention whose projections a user gates as
+parameter holding one value per head on its last axis (gpt-oss's attention sinks, Swin's
+relative position bias table). Modules that only look standard (a per-head quantity their
+tensors' shapes do not show) must keep their heads and still compact exactly. Grouped-query attention whose projections a user gates as
 plain layers used to send Torch-Pruning's group search into an endless loop
 (VainF/Torch-Pruning#527): compact must end, exactly, within a time bound.
 
@@ -121,10 +122,10 @@ FAMILIES = [
     Family("dinov2", lambda: T.Dinov2Model(T.Dinov2Config(
         image_size=32, patch_size=8, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         mlp_ratio=2, **INIT)), image, 2),
-    # per-head relative position bias: not standard
+    # a relative position bias table per head, cut with the heads
     Family("swin", lambda: T.SwinForImageClassification(T.SwinConfig(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=3,
-        **INIT)), image, 0),
+        **INIT)), image, 2),
     Family("convnext", lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
         num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, **INIT)), image, 0),
     Family("mobilenet_v2", lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(

@@ -308,7 +308,8 @@ class SplitHeads(Heads):
     o: str
     head_dim: str
     counts: dict[str, Callable[[int, int, int], int]] = field(default_factory=dict)
-    #: parameters holding one value per query head (attention sinks), cut with the heads
+    #: parameters holding one value per query head on their last axis (attention sinks, a
+    #: relative position bias table), cut with the heads
     per_head: tuple[str, ...] = ()
 
     def per_unit_parameters(self, m: nn.Module) -> list[Tensor]:
@@ -334,10 +335,11 @@ class SplitHeads(Heads):
     def remove(self, m: nn.Module, keep: list[int]) -> None:
         _, per, d = self.layout(m)
         self._remove_cuts(m, keep)
-        rows = torch.tensor(_channels(keep, per), dtype=torch.long)
-        for path in self.per_head:
+        heads = torch.tensor(_channels(keep, per), dtype=torch.long)
+        for path in self.per_head:  # one value per head along the last axis
             old = _get(m, path)
-            _set(m, path, nn.Parameter(old.detach()[rows.to(old.device)].clone(), requires_grad=old.requires_grad))
+            kept = old.detach()[..., heads.to(old.device)].clone()
+            _set(m, path, nn.Parameter(kept, requires_grad=old.requires_grad))
         for path, fn in self.counts.items():
             _set(m, path, fn(len(keep) * per, len(keep), d))
         return None
@@ -681,22 +683,25 @@ def _splits_heads_by_width(cls: type, head_size: str, count: str | None = None) 
 
 
 def _head_tensors(module: nn.Module, known: list, head_dim: int, heads: int | None = None) -> tuple[str, ...] | None:
-    """The parameters of ``module`` that hold one value per query head (``(heads,)``: gpt-oss's
-    attention sinks), which shrink with the heads; None when it holds, outside ``known``
-    layers and its DAM gate, a tensor that is neither that nor per ``head_dim`` (Qwen3's q/k
-    norms): it may be per head in a way the shape does not show (Swin's position bias), and
-    would not shrink with the heads. A ``(heads,)`` tensor when ``heads == head_dim`` is
-    taken for per ``head_dim`` (the output check catches it if it was not)."""
+    """The parameters of ``module`` holding one value per query head along their last axis
+    (gpt-oss's attention sinks ``(heads,)``, Swin's relative position bias table
+    ``(positions, heads)``), which shrink with the heads; None when it holds, outside
+    ``known`` layers and its DAM gate, another floating tensor that is not per ``head_dim``
+    (Qwen3's q/k norms): it may be per head in a way the shape does not show, and would not
+    shrink with the heads. Integer buffers (a position index) are not per head. A last axis
+    of ``heads`` when ``heads == head_dim`` is taken for per ``head_dim`` (the output check
+    catches it if it was not)."""
     ours = [*known, getattr(module, GATE_ATTR, None)]
     owned = {id(t) for c in ours if isinstance(c, nn.Module) for t in [*c.parameters(), *c.buffers()]}
-    per_head = []
+    found = []
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if id(t) in owned or tuple(t.shape) == (head_dim,):
+        if id(t) in owned or tuple(t.shape) == (head_dim,) or not t.is_floating_point():
             continue
-        if heads is None or tuple(t.shape) != (heads,) or not isinstance(t, nn.Parameter) or "." in name:
+        per_head = t.dim() > 0 and t.shape[-1] == heads != head_dim and isinstance(t, nn.Parameter)
+        if not per_head:
             return None
-        per_head.append(name)
-    return tuple(per_head)
+        found.append(name)
+    return tuple(found)
 
 
 def standard_hf_heads(module: nn.Module) -> Heads | None:

@@ -466,6 +466,8 @@ class WidthModel:
         rows: dict[str, list[tuple[int, int, int, int]]] = {"flops": [], "params": []}
         rest = dict(self.dense)
         counted: set[int] = set()  # a tied parameter is counted once, as torchdam.count does
+        # per-unit parameters of head gates (a bias table in a leaf child) are priced per unit below
+        by_unit = {id(p) for module, layout in heads.values() for p in layout.per_unit_parameters(module)}
         for module in work.modules():
             if not _is_leaf(module):
                 continue
@@ -478,7 +480,7 @@ class WidthModel:
                 rows["flops"].append((flops, out_i, in_i, -1))
                 rest["flops"] -= flops
             for p in module.parameters(recurse=False):
-                if id(p) in counted:
+                if id(p) in counted or id(p) in by_unit:
                     continue
                 counted.add(id(p))
                 o = out_i if out_i >= 0 and p.dim() >= 1 and p.shape[_axis(module, p, "out")] == side_n[out_i] else -1

@@ -346,24 +346,29 @@ class SplitHeads(Heads):
 
 
 @dataclass
-class InterleavedHeads(Heads):
-    """q, k, v packed in one ``nn.Linear`` head by head (``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``,
-    each ``head_dim`` wide), heads concatenated at the output projection: GPT-NeoX (Pythia).
-    The forward must split heads from the width (``(*input_shape, -1, 3 * head_dim)``)."""
+class _PackedQKV(Heads):
+    """q, k and v in one ``nn.Linear`` (``qkv``), heads concatenated at ``o``'s input."""
 
     qkv: str
     o: str
     head_dim: str
-
-    def layout(self, m: nn.Module) -> tuple[int, int, int]:
-        d = int(_get(m, self.head_dim))
-        return _out_width(_sub(m, self.qkv)) // (3 * d), 1, d
 
     def out_projection(self, m: nn.Module) -> nn.Module:
         return _sub(m, self.o)
 
     def projections(self, m: nn.Module) -> list[nn.Module]:
         return [_sub(m, self.qkv), _sub(m, self.o)]
+
+
+@dataclass
+class InterleavedHeads(_PackedQKV):
+    """q, k, v packed in one ``nn.Linear`` head by head (``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``,
+    each ``head_dim`` wide), heads concatenated at the output projection: GPT-NeoX (Pythia).
+    The forward must split heads from the width (``(*input_shape, -1, 3 * head_dim)``)."""
+
+    def layout(self, m: nn.Module) -> tuple[int, int, int]:
+        d = int(_get(m, self.head_dim))
+        return _out_width(_sub(m, self.qkv)) // (3 * d), 1, d
 
     def cuts(self, m: nn.Module) -> list[HeadCut]:
         _, _, d = self.layout(m)
@@ -374,16 +379,13 @@ class InterleavedHeads(Heads):
 
 
 @dataclass
-class PackedHeads(Heads):
+class PackedHeads(_PackedQKV):
     """q, k, v packed in one ``nn.Linear`` as ``[q | k | v]``: every query head, then the kv
     heads' keys, then their values (grouped-query attention: fewer kv heads than query
     heads); heads concatenated at the output projection: Phi-3. ``counts`` as in
     :class:`SplitHeads`; a path under ``config.`` is set on a copy of the module's config
     (Phi-3 reads its query width from it, and the config is shared by every layer)."""
 
-    qkv: str
-    o: str
-    head_dim: str
     counts: dict[str, Callable[[int, int, int], int]] = field(default_factory=dict)
 
     def layout(self, m: nn.Module) -> tuple[int, int, int]:
@@ -391,12 +393,6 @@ class PackedHeads(Heads):
         heads = _in_width(_sub(m, self.o)) // d
         kv = (_out_width(_sub(m, self.qkv)) // d - heads) // 2
         return kv, heads // kv, d
-
-    def out_projection(self, m: nn.Module) -> nn.Module:
-        return _sub(m, self.o)
-
-    def projections(self, m: nn.Module) -> list[nn.Module]:
-        return [_sub(m, self.qkv), _sub(m, self.o)]
 
     def cuts(self, m: nn.Module) -> list[HeadCut]:
         kv, per, d = self.layout(m)

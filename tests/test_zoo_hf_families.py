@@ -335,11 +335,15 @@ def test_budget_width_model_prices_what_compact_gives(name):
         assert abs(float(wm.cost(live, metric)) - real[metric]) < 0.5, (metric, float(wm.cost(live, metric)), real)
 
 
-def test_trainer_reaches_a_flops_target_on_mistral():
-    """``TrainConfig(target_flops=1/3)`` on a grouped-query-attention model the library has
-    no rule for by name: heads and gated-MLP units priced and removed, target within +-3%."""
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_trainer_reaches_a_flops_target(family):
+    """``TrainConfig(target_flops=1/3)`` on grouped-query-attention models: Mistral, which the
+    library has no rule for by name (heads and gated-MLP units), and Phi-3 (packed q/k/v,
+    packed gate/up): priced and removed, target within +-3%."""
     torch.manual_seed(0)
-    model = T.MistralForSequenceClassification(T.MistralConfig(
+    config, cls = {"mistral": (T.MistralConfig, T.MistralForSequenceClassification),
+                   "phi3": (T.Phi3Config, T.Phi3ForSequenceClassification)}[family]
+    model = cls(config(
         vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         num_key_value_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0, **INIT))
     dam.attach(model)
@@ -349,7 +353,8 @@ def test_trainer_reaches_a_flops_target_on_mistral():
     trainer = Trainer(model, TrainConfig(epochs=2, batch_size=16, lr=1e-3, progress=False, target_flops=1 / 3),
                       forward_fn=lambda net, batch: (net(input_ids=batch[0]).logits, batch[1]))
     trainer.fit(DataLoader(TensorDataset(ids, labels), batch_size=16, shuffle=True))
-    assert all(live < total for live, total in dam.widths(model).values())
+    narrowed = [live < total for live, total in dam.widths(model).values()]
+    assert all(narrowed) if family == "mistral" else any(narrowed), dam.widths(model)
     with torch.no_grad():
         small = dam.compact(model, {"input_ids": ids[:4]})
     one = {"input_ids": ids[:1]}

@@ -360,8 +360,9 @@ class WidthModel:
         Priced larger is allowed: a fresh BatchNorm maps a dead unit to zero where a trained
         one need not (see :meth:`_removable`)."""
         half = copy.deepcopy(source)
-        gates = [(name, g) for name, _, g in gate_paths(half)]
-        hosts = [host for _, host, _ in gate_paths(half)]
+        paths = list(gate_paths(half))
+        gates = [(name, g) for name, _, g in paths]
+        hosts = [host for _, host, _ in paths]
         live = [max(1, g.n // 2) for _, g in gates]
         with torch.no_grad():
             for (_, g), units in zip(gates, live):

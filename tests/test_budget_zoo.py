@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from test_zoo_cnn import (
     FAMILIES,
     ChannelMeanNorm,
+    ResNet18ish,
     TiedLM,
     assert_same_outputs,
     images,
@@ -31,6 +32,7 @@ from tiny_task import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 import torchdam as dam
+from torchdam.attach import norm_group
 from torchdam.budget import TOLERANCE, Budget, WidthModel, _beta_for, live_counts
 from torchdam.calling import call
 from torchdam.compact import ScatterUnits
@@ -158,6 +160,8 @@ BUDGET_FAMILIES = {
     "mobilenet_v2": (FAMILIES["mobilenet_v2"].make, images(32)),
     "densenet": (FAMILIES["densenet"].make, images(16)),
     "tied_lm_mlp": (_wide_tied_lm, tokens),
+    # GroupNorm(4): units leave in whole groups of 4 and 8 channels; the snap keeps whole groups
+    "resnet_groupnorm": (lambda: ResNet18ish(width=16, norm=lambda c: nn.GroupNorm(4, c)), images(32)),
 }
 
 
@@ -191,6 +195,9 @@ def test_budget_reaches_a_third_of_the_flops_on_the_zoo(family):
     assert budget.current() == pytest.approx(got, rel=1e-9)
     assert budget.summary(got)["ok"] and budget.message(got) is None
     assert_same_outputs(model, small, fresh)
+    for name, gate in dam.named_gates(model):  # whole groups live: the priced width is the kept one
+        per = norm_group(model.get_submodule(gate.host_name))
+        assert int(gate.active()) % per == 0 or int(gate.active()) == gate.n, (name, int(gate.active()), per)
 
 
 def test_width_model_prices_a_layer_compact_keeps_whole():

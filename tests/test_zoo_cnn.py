@@ -129,16 +129,19 @@ class ConvNeXtish(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    """torchvision's, with its ``norm_layer`` argument (BatchNorm2d, or GroupNorm as in
+    detection backbones and BiT)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm(cout)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -147,14 +150,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18ish(nn.Module):
-    def __init__(self, classes: int = 10, width: int = 8) -> None:
+    def __init__(self, classes: int = 10, width: int = 8, norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, width, 1))
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 2 * width, 1))
+        self.layer1 = nn.Sequential(BasicBlock(width, width, 1, norm), BasicBlock(width, width, 1, norm))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2, norm), BasicBlock(2 * width, 2 * width, 1, norm))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, classes)
 
@@ -605,6 +608,16 @@ def check_resnet(small, widths):
     assert small.layer1[0].conv1.out_channels == small.layer1[0].conv2.in_channels == widths["layer1.0.conv1"][0]
 
 
+def check_resnet_groupnorm(small, widths):
+    # 4 groups: 2 channels each at width 8 (4 dead: 2 groups leave), 4 each at 16 (7 dead: 1 group)
+    block1, block2 = small.layer1[0], small.layer2[1]
+    assert widths["layer1.0.conv1"] == (4, 8) and widths["layer2.1.conv1"] == (9, 16)
+    assert block1.conv1.out_channels == block1.bn1.num_channels == block1.conv2.in_channels == 4
+    assert block1.bn1.num_groups == 2
+    assert block2.conv1.out_channels == block2.bn1.num_channels == block2.conv2.in_channels == 12
+    assert block2.bn1.num_groups == 3
+
+
 def check_densenet(small, widths):
     # dead channels of the concatenated stream leave it: the transition reads fewer
     assert small.transition[2].in_channels < 16
@@ -710,6 +723,8 @@ FAMILIES = {
     "mobilenet_v2": Family(MobileNetV2ish, images(32), check_mobilenet),
     "convnext": Family(ConvNeXtish, images(32), check_convnext),
     "resnet18": Family(ResNet18ish, images(32), check_resnet),
+    "resnet_groupnorm": Family(lambda: ResNet18ish(norm=lambda c: nn.GroupNorm(4, c)), images(32),
+                               check_resnet_groupnorm),
     "densenet": Family(DenseNetish, images(16), check_densenet),
     "unet": Family(UNetish, images(16), check_unet),
     "audio_conv1d": Family(AudioConv1d, lambda n, gen: torch.randn(n, 1, 400, generator=gen), check_audio),
@@ -970,25 +985,51 @@ def test_embedding_is_gated_when_selected_explicitly():
     assert_same_outputs(model, small, torch.randint(0, 30, (3, 6)))
 
 
-@pytest.mark.parametrize("groups", [8, 2])
+@pytest.mark.parametrize("groups", [8, 2, 1])
 def test_group_norm_after_a_gated_conv(groups):
-    """GroupNorm with one channel per group takes the gate like BN (its channels go);
-    over several channels per group the gate stays before it and the units are scattered."""
+    """A GroupNorm over groups of channels takes the gate like BN, and its units leave in
+    whole groups (DAM kills them from index 0 up); over all channels (GroupNorm(1), a layer
+    norm) the gate stays before it and the units are scattered."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(groups, 8), nn.ReLU(), nn.Conv2d(8, 4, 1),
                           nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
     gates = dam.attach(model)
-    gates["0"].beta.data.fill_(-2.0)
-    live = dam.widths(model)["0"][0]
+    gates["0"].beta.data.fill_(-2.5)  # units 0-4 of 8 dead: 5 channels, one of them in a half-dead group of 2
+    assert dam.widths(model)["0"] == (3, 8)
     small = dam.compact(model, torch.randn(2, 3, 4, 4))
-    if groups == 8:
-        assert gates["0"].host_name == "1"
-        assert small[1].num_channels == small[1].num_groups == small[3].in_channels == live
-    else:
+    if groups == 1:
         assert gates["0"].host_name == "0"
-        assert isinstance(small[0], ScatterUnits) and small[0].module.out_channels == live
+        assert isinstance(small[0], ScatterUnits) and small[0].module.out_channels == 3
         assert small[1].num_channels == 8
+    else:
+        assert gates["0"].host_name == "1"
+        kept = {8: 3, 2: 4}[groups]  # groups of 1 channel: the 3 live; of 4: the group with a live unit
+        assert small[0].out_channels == small[1].num_channels == small[3].in_channels == kept
+        assert small[1].num_groups == groups * kept // 8
     assert_same_outputs(model, small, torch.randn(3, 3, 4, 4))
+
+
+def test_a_group_norm_registered_after_a_linear_keeps_the_gate_on_the_linear():
+    """diffusers' ResNet block registers its time-embedding Linear right before the
+    GroupNorm of the conv's output (``norm2``); the gate stays on the Linear."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+            self.time_emb_proj = nn.Linear(5, 8)
+            self.norm2 = nn.GroupNorm(2, 8)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: Tensor, t: Tensor) -> Tensor:
+            h = self.conv1(x) + self.time_emb_proj(t)[:, :, None, None]
+            return x + self.conv2(F.silu(self.norm2(h)))
+
+    block = Block()
+    gates = dam.attach(block)
+    assert {n: g.host_name for n, g in gates.items()} == {"conv1": "conv1", "time_emb_proj": "time_emb_proj"}
+    gates["time_emb_proj"].beta.data.fill_(-2.5)
+    x, t = torch.randn(2, 8, 4, 4), torch.randn(2, 5)
+    assert_same_outputs(block, dam.compact(block, (x, t)), (x, t))
 
 
 def test_rule_tables_are_reachable_from_the_package():

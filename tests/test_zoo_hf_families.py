@@ -243,6 +243,28 @@ def test_standard_attention_heads_are_the_units_and_leave(name):
             assert not isinstance(getattr(proj, "dam_gate", None), nn.Module)  # never gated as layers
 
 
+#: generative families whose compacted model must still generate as the gated one does
+GENERATIVE = ["mistral", "gemma", "phi3", "gpt_oss", "gpt_neox", "bloom", "opt", "t5", "bart", "whisper", "mamba"]
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_compacted_model_generates_as_the_gated_one(name, cache):
+    """``generate`` with its key/value cache (allocated from the layers' outputs, or ahead
+    of time from the config with ``static``): heads removed, the same greedy tokens."""
+    c = compacted(name)
+    inputs = FAMILY[name].inputs(2, torch.Generator().manual_seed(1))
+    kw = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    if cache == "static":
+        options["cache_implementation"] = "static"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want, got = c.gated.generate(**kw, **options), c.small.generate(**kw, **options)
+    assert got.shape[-1] >= 4  # four new tokens (Whisper returns them alone)
+    assert torch.equal(got, want)
+
+
 def test_a_packed_gate_up_mlp_is_gated_by_its_hidden_units():
     """Phi-3's ``gate_up_proj`` packs gate and up; a unit is one hidden channel: one row of
     each half and one input of ``down_proj``, gated at ``down_proj``'s input."""

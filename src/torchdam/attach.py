@@ -84,12 +84,12 @@ DEFAULT_LAYERS: tuple[type, ...] = (
 _EXPLICIT_ONLY: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.Embedding)
 
 #: norm type -> ``fn(norm, units)``: True when the norm normalises each of the ``units``
-#: on its own, so a gate may act after it (dead units stay exactly zero and can be removed
-#: from the layer, the norm and every consumer). A norm over all units together
-#: (``LayerNorm``, ``GroupNorm`` with fewer groups than channels) is not listed or returns
-#: False: the gate then stays on the layer's output, before the norm, and
-#: :func:`torchdam.compact` computes only the live units but scatters them back to full
-#: width for the norm, whose statistics need every unit.
+#: on its own or in groups of them, so a gate may act after it (dead units stay exactly zero
+#: and can be removed from the layer, the norm and every consumer: a GroupNorm's in whole
+#: groups, see :func:`norm_group`). A norm over all units together (``LayerNorm``,
+#: ``GroupNorm(1)``) is not listed or returns False: the gate then stays on the layer's
+#: output, before the norm, and :func:`torchdam.compact` computes only the live units but
+#: scatters them back to full width for the norm, whose statistics need every unit.
 FOLLOWING_NORMS: dict[type, Callable[[nn.Module, int], bool]] = {
     nn.BatchNorm1d: lambda m, n: m.num_features == n,
     nn.BatchNorm2d: lambda m, n: m.num_features == n,
@@ -97,8 +97,15 @@ FOLLOWING_NORMS: dict[type, Callable[[nn.Module, int], bool]] = {
     nn.InstanceNorm1d: lambda m, n: m.num_features == n,
     nn.InstanceNorm2d: lambda m, n: m.num_features == n,
     nn.InstanceNorm3d: lambda m, n: m.num_features == n,
-    nn.GroupNorm: lambda m, n: m.num_channels == n == m.num_groups,
+    nn.GroupNorm: lambda m, n: m.num_channels == n and m.num_groups > 1,
 }
+
+
+def norm_group(host: nn.Module) -> int:
+    """How many consecutive units a gate's host normalises together: a GroupNorm's channels
+    per group (DAM's units die from index 0 up, so its dead units fill whole groups one after
+    another; a group is removed once all of its units are dead), 1 for any other host."""
+    return host.num_channels // host.num_groups if isinstance(host, nn.GroupNorm) else 1
 
 
 def _grouped_conv_reason(module: nn.modules.conv._ConvNd) -> str | None:
@@ -250,7 +257,10 @@ class GatedForward:
 def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str, nn.Module] | None:
     """The BatchNorm registered right after ``module`` in its parent, if it normalises the
     same units. Gating after that norm makes a dead unit's output exactly zero; gated
-    before it, BN would turn the zeros into its bias and the unit would not be dead."""
+    before it, BN would turn the zeros into its bias and the unit would not be dead.
+    A GroupNorm over several channels per group follows convolutions only: registered after
+    a Linear it is most often elsewhere in the forward (diffusers' ResNet block registers its
+    time-embedding Linear just before the GroupNorm of the conv's output)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     children = list(parent.named_children())
@@ -258,7 +268,8 @@ def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str
         if child_name == attr and child is module:
             nxt_name, nxt = children[i + 1]
             per_unit = next((FOLLOWING_NORMS[c] for c in type(nxt).__mro__ if c in FOLLOWING_NORMS), None)
-            if per_unit is not None and per_unit(nxt, _units(module)[0]):
+            n, axis = _units(module)
+            if per_unit is not None and per_unit(nxt, n) and (axis == 1 or norm_group(nxt) == 1):
                 return (f"{parent_name}.{nxt_name}" if parent_name else nxt_name), nxt
     return None
 
@@ -452,10 +463,11 @@ def attach(
         include_output: also gate the model's final output layer (the last Linear/Conv
             registered), which is skipped by default since its width is the task's.
         after_norm: when a gated layer is directly followed by a norm over each of the same
-            units on its own (the next registered sibling: BatchNorm, InstanceNorm,
-            GroupNorm with one channel per group; :data:`FOLLOWING_NORMS`), the gate acts on
-            that norm's output. Before a norm over all units together (LayerNorm,
-            GroupNorm(1)) it stays on the layer's output.
+            units on its own or in groups (the next registered sibling: BatchNorm,
+            InstanceNorm, GroupNorm with more than one group; :data:`FOLLOWING_NORMS`), the
+            gate acts on that norm's output (a GroupNorm's units leave in whole groups).
+            Before a norm over all units together (LayerNorm, GroupNorm(1)) it stays on the
+            layer's output.
         gate, k, beta_init, alpha: passed to :class:`DAMGate`.
         make_gate: build another kind of gate per :class:`Site` instead (any module with a
             ``mask() -> (n,)`` and ``forward(x)``, e.g. :class:`torchdam.masks.FixedMask`):

@@ -83,7 +83,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from torchdam import attention, coupling
-from torchdam.attach import LINEAR_LIKE, _units, detach, gate_paths, named_gates, unwrap, widths
+from torchdam.attach import LINEAR_LIKE, _units, detach, gate_paths, named_gates, norm_group, unwrap, widths
 from torchdam.calling import as_tuple, run_eval
 from torchdam.compact import ScatterUnits, compact, plain_weights
 from torchdam.count import FlopCounter
@@ -162,6 +162,9 @@ class WidthModel:
         work = copy.deepcopy(source).eval()
         plain_weights(work)  # as in compact's copy
         info = [(name, host, g.n) for name, host, g in gate_paths(work)]
+        #: units each gate's host normalises together (a GroupNorm's group): they leave together
+        self.groups = [norm_group(work.get_submodule(host)) for _, host, _ in info]
+        self._group = torch.tensor(self.groups, dtype=torch.float64)
         heads = self._head_gates(work, info)
         inputs = _one_sample(example_inputs)
         # measured gated: fused kernels that would skip a gate are off, as in the compacted copy
@@ -533,6 +536,7 @@ class WidthModel:
         (a batch ``(B, G)`` of live counts gives ``(B,)``)."""
         if metric not in METRICS:
             raise ConfigError(f"unknown budget metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        live = self.kept(live)
         ratio = self.side_widths(live) / self._side_n
         ratio = torch.cat([ratio, ratio.new_ones(*ratio.shape[:-1], 1)], -1)  # index -1: no gate on that side
         cost, out_i, in_i, flag_i = self._terms[metric]
@@ -542,6 +546,14 @@ class WidthModel:
         flag = dead.amax(-1) if self._flags.shape[0] else dead.sum(-1)
         flag = torch.cat([flag, flag.new_ones(*flag.shape[:-1], 1)], -1)
         return self._rest[metric] + (cost * ratio[..., out_i] * ratio[..., in_i] * flag[..., flag_i]).sum(-1)
+
+    def kept(self, live: Tensor) -> Tensor:
+        """The units compact keeps for these live counts: a gate's whole groups with a live
+        unit (see :func:`~torchdam.attach.norm_group`). Rounded up in value only, so that
+        :meth:`marginal` still sees what one more live unit would cost."""
+        live = live.to(torch.float64)
+        up = torch.where(self._group > 1, torch.ceil(live / self._group - 1e-9) * self._group, live)
+        return live + (up - live).detach()
 
     def relative(self, live: Tensor, metric: str = "flops") -> Tensor:
         return self.cost(live, metric) / self.dense[metric]
@@ -696,7 +708,8 @@ class Budget:
         self._k = torch.tensor([g.k for g in self.gates], dtype=torch.float64)
         self._lo = self._k * (1.5 / self._n - 1.0)  # one unit live
         self._hi = self._k / (2.0 * self._n)        # every unit live, as near the edge as can be
-        self._allowed = [self.allowed(g.n, heads=i in wm.head_gates) for i, g in enumerate(self.gates)]
+        self._allowed = [self.allowed(g.n, heads=i in wm.head_gates, group=wm.groups[i])
+                         for i, g in enumerate(self.gates)]
         mins = torch.tensor([float(a[0]) for a in self._allowed], dtype=torch.float64)
         self.floor = float(wm.relative(mins, self.metric))  # every gated layer at its fewest units
         self.unreachable = self.floor > self.target
@@ -799,11 +812,12 @@ class Budget:
 
     # -- the snap
 
-    def allowed(self, n: int, heads: bool = False) -> list[int]:
+    def allowed(self, n: int, heads: bool = False, group: int = 1) -> list[int]:
         """The live counts the snap may choose for a gate over ``n`` units. ``round_to``
         does not apply to a gate over attention heads (``heads``): a head is already
-        ``head_dim`` channels, and rounding head counts would keep small attention whole."""
-        r = 1 if heads else self.round_to
+        ``head_dim`` channels, and rounding head counts would keep small attention whole.
+        Units that leave in groups of ``group`` (a GroupNorm's) take multiples of both."""
+        r = 1 if heads else math.lcm(self.round_to, group)
         values = list(range(r, n + 1, r)) or [n]
         if values[-1] != n:
             values.append(n)

@@ -56,19 +56,21 @@ class _RecurrentPruner(tp.pruner.BasePruningFunc):
 
 
 class _GroupNormPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning's GroupNorm rule keeps ``num_groups``; a per-channel GroupNorm
-    (one channel per group, the only kind a gate moves behind) loses a group per channel.
-    Removing channels from a GroupNorm over several channels per group would change its
-    statistics: refused (compact scatters the units back to full width before it)."""
+    """Torch-Pruning's GroupNorm rule keeps ``num_groups``; ours removes channels in whole
+    groups only and drops those groups (the others' statistics are unchanged). Removing part
+    of a group would change its statistics: refused (compact scatters the units back to full
+    width before it)."""
 
     TARGET_MODULES = nn.GroupNorm
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        if layer.num_groups != layer.num_channels:
-            raise Refused(f"GroupNorm({layer.num_groups}, {layer.num_channels}) normalises several "
-                           "channels together")
-        keep = [i for i in range(layer.num_channels) if i not in set(idxs)]
-        layer.num_channels = layer.num_groups = len(keep)
+        per, gone = layer.num_channels // layer.num_groups, set(idxs)
+        groups = {i // per for i in gone}
+        if len(gone) != per * len(groups):
+            raise Refused(f"GroupNorm({layer.num_groups}, {layer.num_channels}) normalises {per} channels "
+                          "together and would lose part of a group")
+        keep = [i for i in range(layer.num_channels) if i not in gone]
+        layer.num_channels, layer.num_groups = len(keep), layer.num_groups - len(groups)
         if layer.affine:
             layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
             layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)

@@ -275,8 +275,13 @@ def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str
 
 
 def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if _unit_rule(type(m)) is not None and not isinstance(m, _EXPLICIT_ONLY)]
+    """The layers with units, outermost only (a PyG graph conv, not the Linear inside it)."""
+    found: list[tuple[str, nn.Module]] = []
+    for n, m in model.named_modules():
+        if _unit_rule(type(m)) is not None and not isinstance(m, _EXPLICIT_ONLY):
+            if not (found and n.startswith(found[-1][0] + ".")):
+                found.append((n, m))
+    return found
 
 
 def _selected_by(name: str, module: nn.Module, selectors: tuple[Selector, ...]) -> str | None:
@@ -407,7 +412,9 @@ def plan(
             f"attach matched no layer of {type(model).__name__} for layers=({what})"
             + (" after exclusions" if exclude else "")
             + ("; the only match is the output layer (pass include_output=True to gate it)"
-               if output_name and _matches(output_name, model.get_submodule(output_name), layers) else "")
+               if output_name and output_name not in not_by_type
+               and _matches(output_name, model.get_submodule(output_name), layers) else "")
+            + attention.pyg.unsupported(model)
         )
     return sites
 

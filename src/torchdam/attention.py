@@ -56,6 +56,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from torchdam import pyg
 from torchdam.attach import (
     GATE_ATTR, GATED_FORWARDS, LINEAR_LIKE, UNIT_LAYERS, GatedForward, GateHook, Site, _gate_values,
 )
@@ -71,7 +72,7 @@ def _hf(module: str, name: str) -> type | None:
     return getattr(loaded, name, None) if loaded is not None else None
 
 
-def _conv1d_type() -> type | None:
+def conv1d_type() -> type | None:
     return _hf("pytorch_utils", "Conv1D")
 
 
@@ -116,7 +117,7 @@ class Conv1DPruner(tp.pruner.function.BasePruningFunc):
 def register_hf_layers() -> None:
     """Teach attach/compact HF ``Conv1D`` (units = ``nf``, gated and folded on the weight's
     columns) once transformers has been imported; a no-op otherwise or when done."""
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     if conv1d is None or conv1d in UNIT_LAYERS:
         return
     from torchdam.compact import FOLDERS
@@ -130,7 +131,7 @@ def register_hf_layers() -> None:
 
 def customized_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
     """Torch-Pruning rules for layer types it lacks (HF ``Conv1D``), for ``build_dependency``."""
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return {conv1d: Conv1DPruner()} if conv1d is not None else {}
 
 
@@ -177,7 +178,7 @@ def _in_width(layer: nn.Module) -> int:
 def _pruner(layer: nn.Module) -> tp.pruner.function.BasePruningFunc:
     if isinstance(layer, nn.Linear):
         return tp.pruner.function.LinearPruner()
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     if conv1d is not None and isinstance(layer, conv1d):
         return Conv1DPruner()
     raise UnsupportedLayerError(f"cannot remove heads from a projection of type {type(layer).__name__}")
@@ -768,6 +769,7 @@ def scan(model: nn.Module, heads: bool) -> tuple[dict[str, Site], set[str]]:
     when ``heads``) and the names of layers a type selector must not match (attention
     projections and :data:`NOT_GATED` children)."""
     register_hf_layers()
+    pyg.register_pyg_layers()
     not_gated = _not_gated_types()
     sites: dict[str, Site] = {}
     skip: set[str] = set()
@@ -780,7 +782,7 @@ def scan(model: nn.Module, heads: bool) -> tuple[dict[str, Site], set[str]]:
             if (heads or not layout.heads) and name:
                 units, _, _ = layout.layout(module)
                 sites[name] = Site(name, name, units, -2, "heads")  # heads, or PairedUnits' units
-        for child in not_gated.get(type(module), ()) or _standard_not_gated(module):
+        for child in not_gated.get(type(module), ()) or _standard_not_gated(module) or pyg.not_gated(module):
             skip.add(prefix + child)
     return sites, skip
 

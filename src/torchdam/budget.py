@@ -82,8 +82,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam import attention, coupling
-from torchdam.attach import LINEAR_LIKE, _units, detach, gate_paths, named_gates, norm_group, unwrap, widths
+from torchdam import attention, coupling, pyg
+from torchdam.attach import _units, detach, gate_paths, named_gates, norm_group, unwrap, widths
 from torchdam.calling import as_tuple, run_eval
 from torchdam.compact import ScatterUnits, compact, plain_weights
 from torchdam.count import FlopCounter
@@ -136,7 +136,8 @@ class WidthModel:
     ``cost(live, metric)`` is differentiable in ``live`` (a float tensor over
     :attr:`names`); ``dense[metric]`` is the full-width model's count (as
     :func:`torchdam.count` gives it). ``example_inputs`` as for :func:`torchdam.compact`: a
-    tensor, a tuple, or a dict of keyword inputs (Hugging Face); its first sample is used.
+    tensor, a tuple, or a dict of keyword inputs (Hugging Face); its first sample is used, or
+    all of it when the model cannot take one sample (a graph's node features and edges).
 
     What it cannot price is refused here, in one line naming the layer
     (:class:`AttachError`): a gated layer the inputs do not reach or Torch-Pruning cannot
@@ -154,6 +155,7 @@ class WidthModel:
     def __init__(self, model: nn.Module, example_inputs) -> None:
         source = unwrap(model)
         attention.register_hf_layers()
+        pyg.register_pyg_layers()
         gates = list(named_gates(source))
         if not gates:
             raise AttachError("a budget needs DAM gates: call torchdam.attach(model) first")
@@ -166,7 +168,7 @@ class WidthModel:
         self.groups = [norm_group(work.get_submodule(host)) for _, host, _ in info]
         self._group = torch.tensor(self.groups, dtype=torch.float64)
         heads = self._head_gates(work, info)
-        inputs = _one_sample(example_inputs)
+        inputs = self._sample(work, example_inputs)
         # measured gated: fused kernels that would skip a gate are off, as in the compacted copy
         flops, calls = self._measure(work, inputs, [m for m, _ in heads.values()])
         attention.keep_nested_tensors_off(work)  # as in compact's copy: encoders run as when gated
@@ -191,12 +193,24 @@ class WidthModel:
 
     # -- measuring
 
+    def _sample(self, model: nn.Module, example_inputs):
+        """What is measured: the first sample of ``example_inputs``, or all of them when
+        ``model`` cannot run on one (decided once, on the first call)."""
+        if not hasattr(self, "_unbatched"):
+            try:
+                run_eval(model, _one_sample(example_inputs))
+                self._unbatched = False
+            except TorchDAMError:
+                self._unbatched = True
+        return example_inputs if self._unbatched else _one_sample(example_inputs)
+
     @staticmethod
     def _measure(work: nn.Module, inputs, attentions: list[nn.Module]) -> tuple[int, dict[int, int]]:
         """Total FLOPs, and FLOPs of every leaf module and head-gated attention module
         (summed over its calls); an attention module's include its children's."""
         records: list[tuple[nn.Module, tuple, dict]] = []
-        watched = [m for m in work.modules() if not isinstance(m, DAMGate) and _is_leaf(m)]
+        watched = _leaves(work)
+        watched += [lin for m in watched if isinstance(m, pyg.layer_types()) for lin, _, _ in pyg.parts(m) if lin is not m]
         hooks = [m.register_forward_hook(lambda m, a, kw, out: records.append((m, a, kw)), with_kwargs=True)
                  for m in watched + attentions]
         try:
@@ -245,7 +259,7 @@ class WidthModel:
                scattered: frozenset[int] = frozenset(), narrow: bool = True,
                kept: frozenset[int] = frozenset()) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
-        customized = (*attention.customized_pruners(), nn.GroupNorm)
+        customized = (*attention.customized_pruners(), nn.GroupNorm, *pyg.layer_types())
         sides: dict[tuple[int, str], _Side] = {}
         seen: set[tuple] = set()
         #: (consumer, gates): a bias compact adds to the consumer while one of the gates has a dead unit
@@ -313,7 +327,7 @@ class WidthModel:
                 continue
             consumers[i] = coupling.consumer_inputs(dg, groups[i], layers[i], frozen,
                                                     partners.get(id(producer), frozenset()))
-        removable = self._removable(work, inputs, layers, consumers)
+        removable = self._removable(work, inputs if self._unbatched else _twice(inputs), layers, consumers)
         removable = {i: d for i, d in removable.items() if i not in scattered}
         stream = {i for i in producers if i not in removable}
         self._scattered = frozenset(stream)
@@ -383,7 +397,7 @@ class WidthModel:
         kept = frozenset(i for i, (name, g) in enumerate(gates)
                          if i not in rescued and live[i] < g.n and self._whole(small.get_submodule(name),
                                                                                small.get_submodule(hosts[i]), g.n))
-        real = measure(small, _one_sample(example_inputs))
+        real = measure(small, self._sample(small, example_inputs))
         for metric in METRICS:
             said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))
             if real[metric] > said * (1 + 1e-9) + 1e-6:
@@ -414,7 +428,7 @@ class WidthModel:
         depthwise conv's bias after the gate); the others are scattered back. Probed with
         every gate's units dead and the per-channel layers' parameters and statistics moved
         off their initial values (a fresh BatchNorm maps 0 to 0, a trained one does not),
-        so the answer is the trained model's; the input is the sample twice, as compact
+        so the answer is the trained model's; ``inputs`` is the sample twice, as compact
         needs more than one value per unit to see that it is constant. Changes ``work``'s
         values (its shapes are what the width model reads afterwards).
 
@@ -434,7 +448,7 @@ class WidthModel:
 
         hooks = [layer.host.register_forward_hook(dead) for layer in layers.values()]
         try:
-            values = coupling.input_values(work, _twice(inputs), [m for c in wanted.values() for m in c])
+            values = coupling.input_values(work, inputs, [m for c in wanted.values() for m in c])
         finally:
             for h in hooks:
                 h.remove()
@@ -472,14 +486,24 @@ class WidthModel:
         counted: set[int] = set()  # a tied parameter is counted once, as torchdam.count does
         # per-unit parameters of head gates (a bias table in a leaf child) are priced per unit below
         by_unit = {id(p) for module, layout in heads.values() for p in layout.per_unit_parameters(module)}
-        for module in work.modules():
-            if not _is_leaf(module):
-                continue
+        whole = pyg.layer_types()
+        for module in _leaves(work):
             out_i = side_index.get((id(module), "out"), -1)
             in_i = side_index.get((id(module), "in"), -1)
             if coupling.channelwise(module):
                 in_i = -1  # a depthwise conv's or a norm's work follows its (coupled) channels once
             flops = calls.get(id(module), 0)
+            if isinstance(module, whole):  # each Linear by the sides it has; the rest by both
+                for lin, is_out, is_in in pyg.parts(module):
+                    o, i = (out_i if is_out else -1), (in_i if is_in else -1)
+                    rows["flops"].append((calls.get(id(lin), 0), o, i, -1))
+                    flops -= calls.get(id(lin), 0)
+                    for p in lin.parameters(recurse=False):
+                        if id(p) not in counted:
+                            counted.add(id(p))
+                            rows["params"].append((p.numel(), o, i if p.dim() > 1 else -1, -1))
+                            rest["params"] -= p.numel()
+                rest["flops"] -= calls.get(id(module), 0) - flops
             if flops:
                 rows["flops"].append((flops, out_i, in_i, -1))
                 rest["flops"] -= flops
@@ -569,9 +593,20 @@ class WidthModel:
         return float(self.relative(torch.ones(len(self.names), dtype=torch.float64), metric))
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    """No child module but a DAM gate (a gated layer is a leaf layer)."""
-    return all(isinstance(c, DAMGate) for c in module.children())
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    """The layers priced one by one: modules with no child but a DAM gate (a gated layer is
+    a leaf layer), and PyG layers as a whole (one layer to Torch-Pruning; their Linears inside)."""
+    whole = pyg.layer_types()
+    found, inside = [], set()
+    for module in model.modules():
+        if id(module) in inside or isinstance(module, DAMGate):
+            continue
+        if isinstance(module, whole):
+            inside.update(id(m) for m in module.modules())
+            found.append(module)
+        elif all(isinstance(c, DAMGate) for c in module.children()):
+            found.append(module)
+    return found
 
 
 def _axis(module: nn.Module, p: Tensor, side: str) -> int:
@@ -579,7 +614,8 @@ def _axis(module: nn.Module, p: Tensor, side: str) -> int:
     (a bias: 0; a transposed conv's or HF ``Conv1D``'s weight: ``(in, out, ...)``)."""
     if p.dim() < 2:
         return 0
-    transposed = bool(getattr(module, "transposed", False)) or isinstance(module, tuple(LINEAR_LIKE))
+    conv1d = attention.conv1d_type()  # HF Conv1D: a Linear with its weight transposed
+    transposed = bool(getattr(module, "transposed", False)) or (conv1d is not None and isinstance(module, conv1d))
     return (1 if transposed else 0) if side == "out" else (0 if transposed else 1)
 
 

@@ -64,7 +64,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from torchdam import attention, coupling
+from torchdam import attention, coupling, pyg
 from torchdam.attach import (
     _ungateable_reason,
     _unit_rule,
@@ -147,8 +147,8 @@ class ScatterUnits(nn.Module):
         contiguous = index == list(range(index[0], index[0] + len(index))) if index else False
         self.pad_before = index[0] if contiguous else -1
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.module(x)
+    def forward(self, *args, **kwargs) -> Tensor:
+        y = self.module(*args, **kwargs)  # a graph conv takes (x, edge_index, edge_weight=...)
         axis = self.axis % y.dim()
         if self.pad_before >= 0:
             after = self.total - self.pad_before - y.shape[axis]
@@ -327,6 +327,7 @@ def compact(
         raise CompactionError(f"min_width must be >= 1, got {min_width}")
     source = unwrap(model)
     attention.register_hf_layers()
+    pyg.register_pyg_layers()
     if not any(isinstance(m, DAMGate) for m in source.modules()):
         raise CompactionError("compact: the model has no DAM gates; call torchdam.attach(model) first")
     # Torch-Pruning traces through autograd: grad mode on for the copy only (restored on exit).

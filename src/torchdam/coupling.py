@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam import attention
+from torchdam import attention, pyg
 from torchdam.attach import LINEAR_LIKE
 from torchdam.calling import as_tuple, call, compared_outputs
 from torchdam.errors import CompactionError, TorchDAMError, UnsupportedLayerError
@@ -226,7 +226,7 @@ def _bias_delta(module: nn.Module, x: Tensor | None, idxs: list[int]) -> Tensor 
         return None
     if not idxs:
         return torch.zeros(())
-    linear_like = isinstance(module, tuple(LINEAR_LIKE))  # HF Conv1D: units on the last axis
+    linear_like = isinstance(module, tuple(LINEAR_LIKE))  # HF Conv1D, PyG: units on the last axis
     axis = -1 if linear_like else next((a for t, a in _INPUT_AXIS.items() if isinstance(module, t)), None)
     if axis is None or x.dim() < 2:
         return None
@@ -241,9 +241,11 @@ def _bias_delta(module: nn.Module, x: Tensor | None, idxs: list[int]) -> Tensor 
         return torch.zeros(())
     if units.shape[1] < 2:
         return None  # one value per unit (batch of 1 into a Linear): constancy not observable
+    if isinstance(module, pyg.layer_types()):  # a graph conv's aggregation weighs nodes unequally
+        return None if pyg.is_graph_conv(module) else module.weight[:, idxs] @ c
     if isinstance(module, nn.Linear):
         return module.weight[:, idxs] @ c
-    if linear_like:  # weight (in, out)
+    if linear_like:  # HF Conv1D: weight (in, out) (PyG's layers are above)
         return module.weight[idxs].T @ c
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1 and (
             module.padding == "valid" or not isinstance(module.padding, str) and not any(module.padding)):

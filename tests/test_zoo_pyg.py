@@ -1,0 +1,222 @@
+"""PyTorch Geometric models as their users build them (``torch_geometric.nn.models`` and a
+hand-written GraphConv net), on a random graph: default ``attach``, a few training steps
+with the penalty, mixed live/dead gates, ``compact`` under ``torch.no_grad()``; the
+compacted model gives the gated model's outputs, its graph convolutions are narrower, and
+it saves and loads exactly. A budget lands on its target. What has no rule (GAT's heads,
+SAGE's L2 normalisation) is refused in one line naming the layer."""
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from zoo_checks import assert_no_dam_state, assert_save_load_round_trip
+
+import torchdam as dam
+from torchdam.budget import TOLERANCE, Budget, WidthModel, _beta_for
+from torchdam.compact import ScatterUnits
+from torchdam.errors import AttachError, CheckpointError
+
+pyg = pytest.importorskip("torch_geometric")
+from torch_geometric.nn import GCNConv, GraphConv, SAGEConv  # noqa: E402
+from torch_geometric.nn import models as M  # noqa: E402
+
+NODES, FEATURES, HIDDEN, CLASSES = 40, 12, 32, 4
+
+
+def graph(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    return torch.randn(NODES, FEATURES, generator=gen), torch.randint(0, NODES, (2, 120), generator=gen)
+
+
+class GraphConvNet(nn.Module):
+    """A hand-written node classifier: two GraphConv layers (max aggregation), a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = GraphConv(FEATURES, HIDDEN, aggr="max")
+        self.conv2 = GraphConv(HIDDEN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x, edge_index))
+        return self.head(F.relu(self.conv2(x, edge_index)))
+
+
+@dataclass(frozen=True)
+class Family:
+    make: Callable[[], nn.Module]
+    narrowed: Callable[[nn.Module], nn.Module]  # a gated graph conv / Linear of the compacted model
+    name: str  # its name in the gated model
+
+
+FAMILIES = {
+    "gcn": Family(lambda: M.GCN(FEATURES, HIDDEN, 3, out_channels=CLASSES), lambda m: m.convs[0], "convs.0"),
+    "gcn_batchnorm_jk": Family(lambda: M.GCN(FEATURES, HIDDEN, 3, out_channels=CLASSES, norm="batch_norm",
+                                             jk="cat"), lambda m: m.convs[1].module, "convs.1"),
+    "graphsage_mean": Family(lambda: M.GraphSAGE(FEATURES, HIDDEN, 3, out_channels=CLASSES),
+                             lambda m: m.convs[0], "convs.0"),
+    "graphsage_max_project": Family(lambda: M.GraphSAGE(FEATURES, HIDDEN, 2, out_channels=CLASSES, aggr="max",
+                                                        project=True), lambda m: m.convs[0], "convs.0"),
+    "gin": Family(lambda: M.GIN(FEATURES, HIDDEN, 3, out_channels=CLASSES), lambda m: m.convs[0].nn.lins[0],
+                  "convs.0.nn.lins.0"),
+    "edge_cnn": Family(lambda: M.EdgeCNN(FEATURES, HIDDEN, 2, out_channels=CLASSES),
+                       lambda m: m.convs[0].nn.lins[0], "convs.0.nn.lins.0"),
+    "mlp": Family(lambda: M.MLP([FEATURES, HIDDEN, HIDDEN, CLASSES]), lambda m: m.lins[0], "lins.0"),
+    "graphconv_hand_written": Family(GraphConvNet, lambda m: m.conv1, "conv1"),
+}
+
+
+def call(model: nn.Module, x: Tensor, edge_index: Tensor) -> Tensor:
+    return model(x) if isinstance(model, M.MLP) else model(x, edge_index)
+
+
+def inputs(model: nn.Module, x: Tensor, edge_index: Tensor) -> tuple:
+    return (x,) if isinstance(model, M.MLP) else (x, edge_index)
+
+
+@dataclass
+class Compacted:
+    gated: nn.Module
+    small: nn.Module
+    gates: dict
+    example: tuple
+    fresh: tuple
+
+
+@functools.cache
+def compacted(family: str) -> Compacted:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = FAMILIES[family].make()
+    gates = dam.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(3):
+        out = call(model, *graph(gen))
+        loss = F.cross_entropy(out, torch.randint(0, CLASSES, (NODES,), generator=gen)) + dam.penalty(model, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for g in gates.values():
+        g.beta.data.fill_(-2.0)  # units j < 0.4 n dead
+    example, fresh = inputs(model, *graph(gen)), inputs(model, *graph(gen))
+    with torch.no_grad():
+        small = dam.compact(model, example)
+    return Compacted(model, small, gates, example, fresh)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_compacts_exactly_and_narrower(family):
+    c, fam = compacted(family), FAMILIES[family]
+    assert fam.name in c.gates
+    c.gated.eval()
+    with torch.no_grad():
+        ref, got = c.gated(*c.fresh), c.small(*c.fresh)
+    assert (ref - got).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    live, total = dam.widths(c.gated)[fam.name]
+    assert 0 < live < total
+    assert fam.narrowed(c.small).out_channels == live
+    assert not any(isinstance(m, ScatterUnits) for m in c.small.modules()) or family == "gcn_batchnorm_jk"
+    assert_no_dam_state(c.small)
+    before, after = dam.count(c.gated, c.fresh), dam.count(c.small, c.fresh)
+    assert after["params"] < before["params"] and after["flops"] < before["flops"]
+
+
+def test_graph_convs_are_gated_as_layers_and_their_own_linears_are_not():
+    gates = compacted("gcn").gates
+    assert sorted(gates) == ["convs.0", "convs.1"]  # convs.2 is the output layer
+    assert sorted(compacted("graphsage_max_project").gates) == ["convs.0"]
+    # GCNConv's bias is added after the aggregation: it shrank with the conv's rows
+    conv = compacted("gcn").small.convs[0]
+    assert conv.bias.shape[0] == conv.lin.weight.shape[0] == conv.lin.out_channels == conv.out_channels
+
+
+def test_a_batchnorm_between_graph_convs_scatters_the_units_it_turns_into_constants():
+    """A dead unit leaves BatchNorm as a constant, which a GCN's degree-weighted aggregation
+    cannot take in a bias: the conv computes its live units only and they are scattered back."""
+    c = compacted("gcn_batchnorm_jk")
+    assert isinstance(c.small.convs[1], ScatterUnits)
+    assert c.small.convs[1].module.out_channels == dam.widths(c.gated)["convs.1"][0]
+
+
+def test_saving_a_compacted_graph_conv_is_refused_in_one_line_naming_it(tmp_path):
+    """torchdam.save stores no Python objects: a message-passing layer's ``inspector`` (PyG's
+    signature introspection, built in its ``__init__``) has no rule yet; the state_dict
+    (with the widths from ``dam.widths``) is the way to ship one (README)."""
+    with pytest.raises(CheckpointError, match=r"'inspector' of module 'convs.0' \(GCNConv\)") as err:
+        dam.save(compacted("gcn").small, tmp_path / "m")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_compacted_mlp_saves_and_loads_exactly(tmp_path):
+    c = compacted("mlp")
+    assert_save_load_round_trip(c.small, c.fresh, tmp_path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_width_model_prices_what_compact_gives(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family].make()
+    dam.attach(model)
+    gen = torch.Generator().manual_seed(0)
+    example = inputs(model, *graph(gen))
+    wm = WidthModel(model, example)
+    for fraction in (0.3, 0.7):
+        live = [max(1, int(g.n * fraction)) for _, g in dam.named_gates(model)]
+        with torch.no_grad():
+            for (_, g), count in zip(dam.named_gates(model), live):
+                g.beta.fill_(_beta_for(g, count))
+        assert [int(g.active()) for _, g in dam.named_gates(model)] == live
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            real, dense = dam.count(dam.compact(model, example), example), dam.count(model, example)
+        for metric in ("flops", "params"):  # relative: the MLP is priced per node, the graph nets per graph
+            said = float(wm.relative(torch.tensor(live, dtype=torch.float64), metric))
+            assert said == pytest.approx(real[metric] / dense[metric], rel=1e-9)
+
+
+def test_budget_lands_a_gcn_on_a_third_of_its_flops():
+    torch.manual_seed(0)
+    model = M.GCN(FEATURES, 64, 3, out_channels=CLASSES)
+    dam.attach(model)
+    gen = torch.Generator().manual_seed(0)
+    x, edge_index = graph(gen)
+    y = torch.randint(0, CLASSES, (NODES,), generator=gen)
+    budget, steps = Budget(flops=1 / 3), 40
+    budget.bind(model, (x, edge_index), total_steps=steps)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x, edge_index), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        budget.step()
+    small = dam.compact(model, (x, edge_index))
+    got = dam.count(small, (x, edge_index))["flops"] / dam.count(model, (x, edge_index))["flops"]
+    assert abs(got * 3 - 1) <= TOLERANCE, got
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(small(x, edge_index), model(x, edge_index), atol=1e-5)
+
+
+def test_graph_attention_is_refused_in_one_line_naming_its_layers():
+    with pytest.raises(AttachError, match=re.escape("'convs.0' (GATConv)")) as err:
+        dam.attach(M.GAT(FEATURES, HIDDEN, 2, out_channels=CLASSES, heads=4))
+    assert "\n" not in str(err.value) and "GCNConv" in str(err.value)
+
+
+def test_sage_with_l2_normalised_output_is_refused_by_name_and_skipped_by_default():
+    model = nn.ModuleDict({"a": SAGEConv(FEATURES, HIDDEN, normalize=True), "b": GCNConv(HIDDEN, HIDDEN),
+                           "out": nn.Linear(HIDDEN, CLASSES)})
+    assert list(dam.attach(model)) == ["b"]
+    dam.detach(model)
+    with pytest.raises(AttachError, match="'a'.*normalize=True"):
+        dam.attach(model, layers=("a",))

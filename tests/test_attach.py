@@ -220,3 +220,22 @@ def test_linear_weight_row_scaling_equals_output_scaling():
     ref.sum().backward()
     assert torch.allclose(fast, ref, atol=1e-6)
     assert torch.allclose(grad_fast, twin[0].dam_gate.beta.grad, atol=1e-5)
+
+
+def test_layers_of_one_unit_are_not_gated_by_default_only_by_name():
+    """A scalar score or gate (MoE's shared-expert gate, an attention-pooling score): DAM
+    would only switch it off, never remove it."""
+    class Pool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.score, self.head = nn.Linear(4, 8), nn.Linear(8, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            w = torch.softmax(self.score(h), dim=1)
+            return self.head((w * h).sum(1))
+
+    model = Pool()
+    assert list(dam.attach(model)) == ["fc"]
+    dam.detach(model)
+    assert list(dam.attach(model, layers=("score",))) == ["score"]

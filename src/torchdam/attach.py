@@ -397,6 +397,8 @@ def plan(
             raise AttachError(f"layer {name!r} already carries the gate of {hosts[name]!r} (the gate acts "
                               "after the norm that follows a gated layer); select only one of them")
         n, axis = _units(module)
+        if n == 1 and how != "name":
+            continue  # one unit (a scalar score or gate, MoE's shared-expert gate): nothing to remove
         host, host_name = module, name
         if after_norm and not isinstance(module, _EXPLICIT_ONLY):
             found = _following_norm(model, name, module)
@@ -440,8 +442,10 @@ def attach(
 
     - every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``
       (:data:`DEFAULT_LAYERS`; Hugging Face ``Conv1D`` too, which an ``nn.Linear`` selector
-      also selects), on its output units, except the model's output layer (the last one
-      registered) and depthwise/grouped convolutions;
+      also selects; PyG's ``Linear`` and graph convolutions, :mod:`torchdam.pyg`), on its
+      output units, except the model's output layer (the last one registered),
+      depthwise/grouped convolutions and layers of one unit (a scalar score or gate:
+      nothing to remove; an exact name still gates one);
     - in transformers, the heads of every attention module of a type in
       :data:`torchdam.attention.ATTENTION` (``nn.MultiheadAttention``, HF BERT/ViT/GPT-2/
       Llama attention) or of Hugging Face's standard structure

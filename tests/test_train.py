@@ -297,6 +297,18 @@ def test_to_device_moves_nested_batches_and_keeps_their_types():
     assert isinstance(moved["x"], tuple) and isinstance(moved["x"][1], list)
 
 
+def test_to_device_moves_a_batch_that_moves_itself():
+    """PyTorch Geometric's ``Data`` / ``Batch``: neither a tensor nor a container, but ``.to(device)``."""
+    class Graph:
+        def to(self, device):
+            moved = Graph()
+            moved.device = device
+            return moved
+
+    assert to_device([Graph()], torch.device("meta"))[0].device == torch.device("meta")
+    assert to_device(mlp(), torch.device("meta"))[0].weight.device.type == "cpu"  # never a model
+
+
 def test_dict_batches_need_a_forward_fn():
     loader = [{"x": torch.randn(4, 20), "y": torch.zeros(4, dtype=torch.long)}]
     with pytest.raises(ConfigError, match="forward_fn"):

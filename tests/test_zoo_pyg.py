@@ -220,3 +220,24 @@ def test_sage_with_l2_normalised_output_is_refused_by_name_and_skipped_by_defaul
     dam.detach(model)
     with pytest.raises(AttachError, match="'a'.*normalize=True"):
         dam.attach(model, layers=("a",))
+
+
+def test_trainer_prunes_a_gcn_on_a_data_object_to_a_flops_target(tmp_path):
+    """Full-batch node classification as PyG users write it: the loader yields one ``Data``,
+    ``forward_fn`` picks the training nodes; the budget is bound
+    on the model's own call (features, edges) and lands within +-3%."""
+    from torch_geometric.data import Data
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x, edge_index = graph(gen)
+    data = Data(x=x, edge_index=edge_index, y=(x[:, 0] > 0).long(), train_mask=torch.rand(NODES, generator=gen) < 0.7)
+    model = M.GCN(FEATURES, 64, 3, out_channels=2)
+    dam.attach(model)
+    config = dam.TrainConfig(epochs=30, lr=0.01, optimizer="adam", target_flops=1 / 3, batch_size=1)
+    trainer = dam.Trainer(model, config, out_dir=tmp_path,
+                          forward_fn=lambda m, d: (m(d.x, d.edge_index)[d.train_mask], d.y[d.train_mask]))
+    trainer.fit([data])
+    small = dam.compact(model, (x, edge_index))
+    got = dam.count(small, (x, edge_index))["flops"] / dam.count(model, (x, edge_index))["flops"]
+    assert abs(got * 3 - 1) <= TOLERANCE, got

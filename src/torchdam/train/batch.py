@@ -1,8 +1,9 @@
 """What the training loop does with a batch: move it to the device, and turn it into
 ``(outputs, targets)`` for the loss.
 
-A batch may be a tensor, a tuple/list (named tuples too), a dict or a Hugging Face
-``BatchEncoding``, nested to any depth; :func:`to_device` moves every tensor in it. How a
+A batch may be a tensor, a tuple/list (named tuples too), a dict, a Hugging Face
+``BatchEncoding`` or an object with ``.to(device)`` (PyTorch Geometric's ``Data``), nested
+to any depth; :func:`to_device` moves every tensor in it. How a
 batch feeds the model is a ``forward_fn(model, batch) -> (outputs, targets)``;
 :func:`default_forward` is the ``(inputs, targets)`` / bare-tensor convention of
 ``TensorDataset`` loaders, and any other layout passes its own::
@@ -39,6 +40,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return type(batch)(*(to_device(value, device) for value in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(value, device) for value in batch)
+    if callable(getattr(batch, "to", None)) and not isinstance(batch, nn.Module):
+        return batch.to(device)  # a batch type that moves itself (PyTorch Geometric's Data / Batch)
     return batch
 
 

@@ -1,6 +1,7 @@
 """Baselines: every method on a tiny synthetic task ends in a smaller, measured model."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -161,3 +162,24 @@ def test_l0_draws_one_gate_per_sample_and_unit_through_the_hook() -> None:
     model.train()(torch.randn(4, 3, 8, 8))
     assert len(seen) == 1 and seen[0].shape == (4, 16, 8, 8)  # the gate ran on the BatchNorm's output
 
+
+
+def test_ordered_budget_dam_starts_from_the_dense_model_with_its_weakest_units_first() -> None:
+    from baselines.dam_budget import order_units
+
+    setup = _setup("lenet300", finetune_epochs=0)
+    pretrained = dense.train(setup)
+    model = pretrained.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = setup.sample()
+    moved = copy.deepcopy(model).eval()
+    order_units(moved, setup)
+    assert torch.allclose(moved(x), model.eval()(x), atol=1e-5)  # the same function
+    norms = moved.layers[1].weight.abs().sum(1)
+    assert torch.all(norms[1:] >= norms[:-1])  # least important first: DAM removes index 0 first
+    result = BASELINES.get("dam-budget-ordered")(setup, 0.5, pretrained=pretrained)
+    assert result.method == "dam-budget-ordered" and result.epochs_total == 4  # dense 2 + budget 2
+    assert result.extra["reached_flops"] == pytest.approx(0.5, rel=0.03)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the dense model untouched
+    with pytest.raises(NotApplicableError, match="MLPs"):
+        order_units(tiny_cnn(), _setup())

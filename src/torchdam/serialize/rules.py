@@ -258,6 +258,37 @@ def _rebuild_rnn(rnn: nn.RNNBase) -> None:
     rnn._init_flat_weights()
 
 
+#: PyTorch Geometric's MessagePassing hook tables (empty unless a user registers hooks)
+_PYG_HOOKS = frozenset(f"_{step}_forward{pre}_hooks" for step in (
+    "propagate", "message", "aggregate", "message_and_aggregate", "edge_update") for pre in ("", "_pre"))
+
+
+def _check_message_passing(m: nn.Module, elements: int) -> None:
+    hooked = sorted(k for k in _PYG_HOOKS if m.__dict__.get(k))
+    if hooked:
+        raise ValueError(f"it has message-passing hooks ({', '.join(hooked)}): functions, which are not saved")
+
+
+def _rebuild_message_passing(m: nn.Module) -> None:
+    # PyTorch Geometric's MessagePassing keeps an Inspector (its methods' signatures, an
+    # object) and compiles its ``propagate`` from it in ``__init__``; as its own
+    # ``__setstate__`` does after unpickling, it is built again here, from the class.
+    from collections import OrderedDict
+
+    from torch_geometric.inspector import Inspector
+
+    for key in _PYG_HOOKS:
+        setattr(m, key, OrderedDict())
+
+    m.inspector = Inspector(type(m))
+    m.inspector.inspect_signature(m.message)
+    m.inspector.inspect_signature(m.aggregate, exclude=[0, "aggr"])
+    m.inspector.inspect_signature(m.message_and_aggregate, [0])
+    m.inspector.inspect_signature(m.update, exclude=[0])
+    m.inspector.inspect_signature(m.edge_update)
+    m._set_jittable_templates()
+
+
 #: module type, or its qualified name (for classes this module does not import), matched
 #: along the MRO -> its :class:`Rule`. Extend it for another type whose ``__dict__`` holds
 #: derived tensors or whose attributes size what its forward allocates.
@@ -273,6 +304,8 @@ RULES: dict[type | str, Rule] = {
     nn.EmbeddingBag: Rule(check=_check_embedding),
     nn.MultiheadAttention: Rule(check=_check_attention),
     "torchdam.compact.ScatterUnits": Rule(check=_check_scatter, check_values=_check_scatter_values),
+    "torch_geometric.nn.conv.message_passing.MessagePassing": Rule(
+        frozenset({"inspector"}) | _PYG_HOOKS, _rebuild_message_passing, _check_message_passing),
 }
 _NO_RULE = Rule()
 

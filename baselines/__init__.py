@@ -43,5 +43,7 @@ BASELINES.register("chipnet-flops")(lambda setup, strength, **kw: chipnet.run(se
 BASELINES.register("dam-budget")(dam_budget.run)
 BASELINES.register("dam-budget-uniform")(dam_budget.run_uniform)
 BASELINES.register("dam-budget-ft")(dam_budget.run_finetuned)
+BASELINES.register("dam-budget-pretrained")(dam_budget.run)
+BASELINES.register("dam-budget-ordered")(lambda setup, strength, **kw: dam_budget.run(setup, strength, ordered=True, **kw))
 
 __all__ = ["BASELINES", "NotApplicableError", "Result", "Setup", "Trained"]

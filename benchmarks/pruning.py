@@ -48,10 +48,12 @@ from torchdam.data import load_dataset
 from torchdam.train import TrainConfig
 
 METHODS = ("dense", "dam", "l0", "magnitude", "slimming", "chipnet", "dam-budget", "dam-budget-uniform",
-           "dam-budget-ft", "chipnet-flops", "tp_vit")
+           "dam-budget-ft", "chipnet-flops", "tp_vit", "dam-budget-pretrained", "dam-budget-ordered")
 #: methods whose strength is a FLOPs target (fraction of dense) in --targets mode: the budget
 #: DAMs train to it, the others bisect their ratio (chipnet: its channel budget is mapped)
-BUDGET_METHODS = ("dam-budget", "dam-budget-uniform", "dam-budget-ft")
+BUDGET_METHODS = ("dam-budget", "dam-budget-uniform", "dam-budget-ft", "dam-budget-pretrained", "dam-budget-ordered")
+#: budget-DAM variants that start from the trained dense model (diagnostics, not the paper's method)
+FROM_DENSE = ("dam-budget-pretrained", "dam-budget-ordered")
 TARGET_METHODS = (*BUDGET_METHODS, "magnitude", "slimming", "chipnet", "chipnet-flops", "tp_vit")
 #: strengths per method: DAM/L0 lambdas, magnitude/slimming/chipnet fractions of units removed.
 #: L0's lambda multiplies the expected number of active units, so it is far smaller than
@@ -251,6 +253,8 @@ def _runner(method: str, study: Study) -> Callable[[Setup, float, Trained], Resu
     run = BASELINES.get(method)
     budget = {key: value for key, value in (("reach_at", study.reach_at), ("schedule", study.budget_schedule),
                                             ("cold_start", study.budget_cold_start)) if value is not None}
+    if method in FROM_DENSE:
+        return lambda setup, s, pre: run(setup, s, pretrained=pre, **budget)
     if method in BUDGET_METHODS and budget:
         return lambda setup, s, pre: run(setup, s, **budget)
     if study.targets and method in ("magnitude", "chipnet", "chipnet-flops", "tp_vit"):
@@ -334,7 +338,8 @@ def run_study(name: str, study: Study, seeds: int, epochs: int | None, quick: bo
         bar.set_postfix_str(f"seed {seed} dense")
         # Without dense, magnitude, chipnet or tp_vit in the run the dense model is only a latency
         # reference (latency does not depend on the weights), so it is not trained.
-        train_dense = ablation or any(m in methods for m in ("dense", "magnitude", "chipnet", "chipnet-flops", "tp_vit"))
+        train_dense = ablation or any(m in methods for m in ("dense", "magnitude", "chipnet", "chipnet-flops", "tp_vit",
+                                                             *FROM_DENSE))
         pre = dense.train(setup) if train_dense else None
         dense_model = pre.model.eval() if pre is not None else setup.build().eval()
         latencies(dense_model, setup, repeats)  # warm the allocator and thread pool first

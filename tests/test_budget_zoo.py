@@ -32,7 +32,7 @@ from tiny_task import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 import torchdam as dam
-from torchdam.attach import norm_group
+from torchdam.attach import unit_group
 from torchdam.budget import TOLERANCE, Budget, WidthModel, _beta_for, live_counts
 from torchdam.calling import call
 from torchdam.compact import ScatterUnits
@@ -196,7 +196,7 @@ def test_budget_reaches_a_third_of_the_flops_on_the_zoo(family):
     assert budget.summary(got)["ok"] and budget.message(got) is None
     assert_same_outputs(model, small, fresh)
     for name, gate in dam.named_gates(model):  # whole groups live: the priced width is the kept one
-        per = norm_group(model.get_submodule(gate.host_name))
+        per = unit_group(model.get_submodule(gate.host_name))
         assert int(gate.active()) % per == 0 or int(gate.active()) == gate.n, (name, int(gate.active()), per)
 
 

@@ -97,3 +97,15 @@ def test_bad_arguments_raise_config_error(kwargs):
 def test_wrong_width_input_raises_shape_error():
     with pytest.raises(ShapeError, match="4 units"):
         DAMGate(4)(torch.randn(2, 5))
+
+
+def test_grouped_units_share_one_offset_and_switch_off_together():
+    """A graph attention conv's heads: ``group`` consecutive units, one offset."""
+    g = DAMGate(12, group=4)
+    assert torch.allclose(g.mu, torch.tensor([0.0] * 4 + [5 * 4 / 12] * 4 + [5 * 8 / 12] * 4))
+    for beta in torch.linspace(-5, 1, 25):
+        g.beta.data.fill_(float(beta))
+        assert int(g.active()) % 4 == 0
+    assert "group=4" in repr(g) and "group" not in repr(DAMGate(12))
+    with pytest.raises(ConfigError, match="group must divide"):
+        DAMGate(10, group=4)

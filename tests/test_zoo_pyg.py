@@ -25,7 +25,7 @@ from torchdam.compact import ScatterUnits
 from torchdam.errors import AttachError, CheckpointError
 
 pyg = pytest.importorskip("torch_geometric")
-from torch_geometric.nn import GCNConv, GraphConv, SAGEConv  # noqa: E402
+from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, GraphConv, SAGEConv  # noqa: E402
 from torch_geometric.nn import models as M  # noqa: E402
 
 NODES, FEATURES, HIDDEN, CLASSES = 40, 12, 32, 4
@@ -49,6 +49,22 @@ class GraphConvNet(nn.Module):
         return self.head(F.relu(self.conv2(x, edge_index)))
 
 
+class EdgeGATNet(nn.Module):
+    """Two attention convs with edge features and residual projections (GATv2 sharing its
+    source and target Linears), a Linear head; the edge features are made from the edges."""
+
+    def __init__(self, conv: type, **options) -> None:
+        super().__init__()
+        self.conv1 = conv(FEATURES, 8, heads=4, edge_dim=2, residual=True, **options)
+        self.conv2 = conv(32, 8, heads=2, edge_dim=2, residual=True, **options)
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        edge_attr = torch.stack([edge_index[0] - edge_index[1], edge_index[0] + edge_index[1]], 1).float() / NODES
+        x = F.elu(self.conv1(x, edge_index, edge_attr=edge_attr))
+        return self.head(F.elu(self.conv2(x, edge_index, edge_attr=edge_attr)))
+
+
 @dataclass(frozen=True)
 class Family:
     make: Callable[[], nn.Module]
@@ -70,6 +86,12 @@ FAMILIES = {
                        lambda m: m.convs[0].nn.lins[0], "convs.0.nn.lins.0"),
     "mlp": Family(lambda: M.MLP([FEATURES, HIDDEN, HIDDEN, CLASSES]), lambda m: m.lins[0], "lins.0"),
     "graphconv_hand_written": Family(GraphConvNet, lambda m: m.conv1, "conv1"),
+    "gat": Family(lambda: M.GAT(FEATURES, HIDDEN, 3, out_channels=CLASSES, heads=4), lambda m: m.convs[0], "convs.0"),
+    "gatv2": Family(lambda: M.GAT(FEATURES, HIDDEN, 2, out_channels=CLASSES, heads=4, v2=True),
+                    lambda m: m.convs[0], "convs.0"),
+    "gat_edge_residual": Family(lambda: EdgeGATNet(GATConv), lambda m: m.conv1, "conv1"),
+    "gatv2_shared_edge_residual": Family(lambda: EdgeGATNet(GATv2Conv, share_weights=True), lambda m: m.conv1,
+                                         "conv1"),
 }
 
 
@@ -122,7 +144,8 @@ def test_family_compacts_exactly_and_narrower(family):
     assert (ref - got).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     live, total = dam.widths(c.gated)[fam.name]
     assert 0 < live < total
-    assert fam.narrowed(c.small).out_channels == live
+    narrowed = fam.narrowed(c.small)
+    assert getattr(narrowed, "heads", 1) * narrowed.out_channels == live
     assert not any(isinstance(m, ScatterUnits) for m in c.small.modules()) or family == "gcn_batchnorm_jk"
     assert_no_dam_state(c.small)
     before, after = dam.count(c.gated, c.fresh), dam.count(c.small, c.fresh)
@@ -171,7 +194,7 @@ def test_width_model_prices_what_compact_gives(family):
     example = inputs(model, *graph(gen))
     wm = WidthModel(model, example)
     for fraction in (0.3, 0.7):
-        live = [max(1, int(g.n * fraction)) for _, g in dam.named_gates(model)]
+        live = [max(g.group, int(g.n * fraction) // g.group * g.group) for _, g in dam.named_gates(model)]  # whole heads
         with torch.no_grad():
             for (_, g), count in zip(dam.named_gates(model), live):
                 g.beta.fill_(_beta_for(g, count))
@@ -184,9 +207,12 @@ def test_width_model_prices_what_compact_gives(family):
             assert said == pytest.approx(real[metric] / dense[metric], rel=1e-9)
 
 
-def test_budget_lands_a_gcn_on_a_third_of_its_flops():
+@pytest.mark.parametrize("make", [lambda: M.GCN(FEATURES, 64, 3, out_channels=CLASSES),
+                                  lambda: M.GAT(FEATURES, 64, 3, out_channels=CLASSES, heads=8)], ids=["gcn", "gat"])
+def test_budget_lands_on_a_third_of_the_flops(make):
+    """GAT's gates move by whole heads of 8 features: the snap keeps whole heads."""
     torch.manual_seed(0)
-    model = M.GCN(FEATURES, 64, 3, out_channels=CLASSES)
+    model = make()
     dam.attach(model)
     gen = torch.Generator().manual_seed(0)
     x, edge_index = graph(gen)
@@ -204,15 +230,50 @@ def test_budget_lands_a_gcn_on_a_third_of_its_flops():
     small = dam.compact(model, (x, edge_index))
     got = dam.count(small, (x, edge_index))["flops"] / dam.count(model, (x, edge_index))["flops"]
     assert abs(got * 3 - 1) <= TOLERANCE, got
+    assert all(int(g.active()) % g.group == 0 for _, g in dam.named_gates(model))
     model.eval()
     with torch.no_grad():
         assert torch.allclose(small(x, edge_index), model(x, edge_index), atol=1e-5)
 
 
-def test_graph_attention_is_refused_in_one_line_naming_its_layers():
-    with pytest.raises(AttachError, match=re.escape("'convs.0' (GATConv)")) as err:
-        dam.attach(M.GAT(FEATURES, HIDDEN, 2, out_channels=CLASSES, heads=4))
+@pytest.mark.parametrize("family", ["gat", "gatv2", "gat_edge_residual", "gatv2_shared_edge_residual"])
+def test_attention_heads_leave_whole_and_the_attention_stays(family):
+    """A head's features share one offset: the gate's width moves by whole heads, the
+    compacted conv has fewer heads, every per-head weight shrank with them."""
+    c, fam = compacted(family), FAMILIES[family]
+    gate, conv = c.gates[fam.name], fam.narrowed(c.small)
+    assert gate.group == conv.out_channels == 8 and dam.widths(c.gated)[fam.name][0] % 8 == 0
+    gated = fam.narrowed(c.gated)
+    assert conv.heads < gated.heads
+    for name, p in conv.named_parameters():
+        if name.startswith("att"):
+            assert p.shape == (1, conv.heads, 8), name
+
+
+def test_graph_convs_without_a_rule_are_named_when_nothing_else_is_gated():
+    from torch_geometric.nn import TransformerConv
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = TransformerConv(FEATURES, 8, heads=2)
+            self.head = nn.Linear(16, CLASSES)
+
+        def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+            return self.head(self.conv(x, edge_index))
+
+    with pytest.raises(AttachError, match=re.escape("'conv' (TransformerConv)")) as err:
+        dam.attach(Net())
     assert "\n" not in str(err.value) and "GCNConv" in str(err.value)
+
+
+def test_a_gat_averaging_its_heads_is_refused_by_name_and_skipped_by_default():
+    model = nn.ModuleDict({"a": GATConv(FEATURES, 8, heads=2, concat=False), "b": GCNConv(8, 8),
+                           "out": nn.Linear(8, CLASSES)})
+    assert list(dam.attach(model)) == ["b"]
+    dam.detach(model)
+    with pytest.raises(AttachError, match="'a'.*concat=False"):
+        dam.attach(model, layers=("a",))
 
 
 def test_sage_with_l2_normalised_output_is_refused_by_name_and_skipped_by_default():

@@ -35,7 +35,7 @@ Selector = Union[type, str]
 
 #: Layers whose output units we know how to count (and later compact), with their unit
 #: count and unit axis. Extend it to gate another layer type.
-UNIT_LAYERS: dict[type, tuple[str, int]] = {
+UNIT_LAYERS: dict[type, tuple[str | Callable[[nn.Module], int], int]] = {
     nn.Linear: ("out_features", -1),
     nn.Conv1d: ("out_channels", 1),
     nn.Conv2d: ("out_channels", 1),
@@ -86,7 +86,7 @@ _EXPLICIT_ONLY: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm
 #: norm type -> ``fn(norm, units)``: True when the norm normalises each of the ``units``
 #: on its own or in groups of them, so a gate may act after it (dead units stay exactly zero
 #: and can be removed from the layer, the norm and every consumer: a GroupNorm's in whole
-#: groups, see :func:`norm_group`). A norm over all units together (``LayerNorm``,
+#: groups, see :func:`unit_group`). A norm over all units together (``LayerNorm``,
 #: ``GroupNorm(1)``) is not listed or returns False: the gate then stays on the layer's
 #: output, before the norm, and :func:`torchdam.compact` computes only the live units but
 #: scatters them back to full width for the norm, whose statistics need every unit.
@@ -101,11 +101,20 @@ FOLLOWING_NORMS: dict[type, Callable[[nn.Module, int], bool]] = {
 }
 
 
-def norm_group(host: nn.Module) -> int:
-    """How many consecutive units a gate's host normalises together: a GroupNorm's channels
-    per group (DAM's units die from index 0 up, so its dead units fill whole groups one after
-    another; a group is removed once all of its units are dead), 1 for any other host."""
-    return host.num_channels // host.num_groups if isinstance(host, nn.GroupNorm) else 1
+#: layer type -> ``fn(layer)``: how many consecutive output units form one, sharing one DAM
+#: offset so that they switch off together (a graph attention conv's heads, :mod:`torchdam.pyg`)
+UNIT_GROUPS: dict[type, Callable[[nn.Module], int]] = {}
+
+
+def unit_group(host: nn.Module) -> int:
+    """How many consecutive units of a gate's host leave together: a GroupNorm's channels per
+    group (DAM's units die from index 0 up, so its dead units fill whole groups one after
+    another; a group is removed once all of its units are dead), a :data:`UNIT_GROUPS`
+    layer's groups, 1 for any other host."""
+    if isinstance(host, nn.GroupNorm):
+        return host.num_channels // host.num_groups
+    fn = next((UNIT_GROUPS[c] for c in type(host).__mro__ if c in UNIT_GROUPS), None)
+    return int(fn(host)) if fn is not None else 1
 
 
 def _grouped_conv_reason(module: nn.modules.conv._ConvNd) -> str | None:
@@ -152,14 +161,15 @@ def register_unit_layer(
         register_folder(layer_type, fold)
 
 
-def _unit_rule(cls: type) -> tuple[str, int] | None:
+def _unit_rule(cls: type) -> tuple[str | Callable[[nn.Module], int], int] | None:
     return next((UNIT_LAYERS[c] for c in cls.__mro__ if c in UNIT_LAYERS), None)
 
 
 def _units(module: nn.Module) -> tuple[int, int]:
     rule = _unit_rule(type(module))
     if rule is not None:
-        return int(getattr(module, rule[0])), rule[1]
+        count = rule[0](module) if callable(rule[0]) else getattr(module, rule[0])
+        return int(count), rule[1]
     raise _cannot_gate(type(module))
 
 
@@ -269,7 +279,7 @@ def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str
             nxt_name, nxt = children[i + 1]
             per_unit = next((FOLLOWING_NORMS[c] for c in type(nxt).__mro__ if c in FOLLOWING_NORMS), None)
             n, axis = _units(module)
-            if per_unit is not None and per_unit(nxt, n) and (axis == 1 or norm_group(nxt) == 1):
+            if per_unit is not None and per_unit(nxt, n) and (axis == 1 or unit_group(nxt) == 1):
                 return (f"{parent_name}.{nxt_name}" if parent_name else nxt_name), nxt
     return None
 
@@ -317,6 +327,8 @@ class Site:
     #: ``"units"`` (a layer's output units) or ``"heads"`` (an attention module's heads: the
     #: gate scales ``x.unflatten(-1, (units, width))`` of its output projection's input on axis -2)
     kind: str = "units"
+    #: consecutive units sharing one offset (:data:`UNIT_GROUPS`)
+    group: int = 1
 
 
 #: wrappers whose ``.module`` is the user's model (an EMA / SWA average holds a copy of it)
@@ -370,6 +382,7 @@ def plan(
     output_name = leaves[-1][0] if leaves else None
     sites: dict[str, Site] = {}
     hosts: dict[str, str] = {}  # host name -> name of the layer whose gate it carries
+    single: list[str] = []  # layers of one unit a type or glob matched
     for name, module in model.named_modules():
         if name in head_sites:
             if _matches(name, module, exclude):
@@ -398,6 +411,7 @@ def plan(
                               "after the norm that follows a gated layer); select only one of them")
         n, axis = _units(module)
         if n == 1 and how != "name":
+            single.append(name)
             continue  # one unit (a scalar score or gate, MoE's shared-expert gate): nothing to remove
         host, host_name = module, name
         if after_norm and not isinstance(module, _EXPLICIT_ONLY):
@@ -406,7 +420,7 @@ def plan(
                 host_name, host = found
         if any(isinstance(getattr(m, GATE_ATTR, None), nn.Module) for m in (module, host)):
             raise AttachError(f"layer {name!r} already has a DAM gate; call torchdam.detach(model) first")
-        sites[name] = Site(name, host_name, n, axis)
+        sites[name] = Site(name, host_name, n, axis, group=unit_group(module) if type(module) in UNIT_GROUPS else 1)
         hosts[host_name] = name
     if not sites:
         what = ", ".join(s.__name__ if isinstance(s, type) else repr(s) for s in layers)
@@ -416,6 +430,7 @@ def plan(
             + ("; the only match is the output layer (pass include_output=True to gate it)"
                if output_name and output_name not in not_by_type
                and _matches(output_name, model.get_submodule(output_name), layers) else "")
+            + (f"; layers of one unit are gated only by name ({', '.join(map(repr, single[:3]))})" if single else "")
             + attention.pyg.unsupported(model)
         )
     return sites
@@ -514,7 +529,8 @@ def attach(
     sites = plan(model, layers, exclude, include_output=include_output, after_norm=after_norm, heads=heads)
     if make_gate is None:
         def make_gate(site: Site) -> nn.Module:
-            return DAMGate(site.units, axis=site.axis, gate=gate, k=k, beta_init=beta_init, alpha=alpha)
+            return DAMGate(site.units, axis=site.axis, gate=gate, k=k, beta_init=beta_init, alpha=alpha,
+                           group=site.group)
     built = {name: make_gate(site) for name, site in sites.items()}  # a bad option changes nothing
     ref = next(model.parameters(), None)
     gates: dict[str, nn.Module] = {}

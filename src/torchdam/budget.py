@@ -83,7 +83,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from torchdam import attention, coupling, pyg
-from torchdam.attach import _units, detach, gate_paths, named_gates, norm_group, unwrap, widths
+from torchdam.attach import _units, detach, gate_paths, named_gates, unit_group, unwrap, widths
 from torchdam.calling import as_tuple, run_eval
 from torchdam.compact import ScatterUnits, compact, plain_weights
 from torchdam.count import FlopCounter
@@ -165,7 +165,7 @@ class WidthModel:
         plain_weights(work)  # as in compact's copy
         info = [(name, host, g.n) for name, host, g in gate_paths(work)]
         #: units each gate's host normalises together (a GroupNorm's group): they leave together
-        self.groups = [norm_group(work.get_submodule(host)) for _, host, _ in info]
+        self.groups = [unit_group(work.get_submodule(host)) for _, host, _ in info]
         self._group = torch.tensor(self.groups, dtype=torch.float64)
         heads = self._head_gates(work, info)
         inputs = self._sample(work, example_inputs)
@@ -503,6 +503,10 @@ class WidthModel:
                             counted.add(id(p))
                             rows["params"].append((p.numel(), o, i if p.dim() > 1 else -1, -1))
                             rest["params"] -= p.numel()
+                for p in pyg.head_parameters(module):  # (1, heads, C): as wide as the output
+                    counted.add(id(p))
+                    rows["params"].append((p.numel(), out_i, -1, -1))
+                    rest["params"] -= p.numel()
                 rest["flops"] -= calls.get(id(module), 0) - flops
             if flops:
                 rows["flops"].append((flops, out_i, in_i, -1))
@@ -573,7 +577,7 @@ class WidthModel:
 
     def kept(self, live: Tensor) -> Tensor:
         """The units compact keeps for these live counts: a gate's whole groups with a live
-        unit (see :func:`~torchdam.attach.norm_group`). Rounded up in value only, so that
+        unit (see :func:`~torchdam.attach.unit_group`). Rounded up in value only, so that
         :meth:`marginal` still sees what one more live unit would cost."""
         live = live.to(torch.float64)
         up = torch.where(self._group > 1, torch.ceil(live / self._group - 1e-9) * self._group, live)
@@ -742,7 +746,8 @@ class Budget:
         self.reach = min(self.total, self.start + max(1, round(self.reach_at * (self.total - self.start))))
         self._n = torch.tensor([g.n for g in self.gates], dtype=torch.float64)
         self._k = torch.tensor([g.k for g in self.gates], dtype=torch.float64)
-        self._lo = self._k * (1.5 / self._n - 1.0)  # one unit live
+        group = torch.tensor([g.group for g in self.gates], dtype=torch.float64)
+        self._lo = self._k * (1.5 * group / self._n - 1.0)  # one unit (one group of units sharing an offset) live
         self._hi = self._k / (2.0 * self._n)        # every unit live, as near the edge as can be
         self._allowed = [self.allowed(g.n, heads=i in wm.head_gates, group=wm.groups[i])
                          for i, g in enumerate(self.gates)]

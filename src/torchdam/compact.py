@@ -71,7 +71,7 @@ from torchdam.attach import (
     detach,
     gate_paths,
     named_gates,
-    norm_group,
+    unit_group,
     unwrap,
 )
 from torchdam.calling import run_eval
@@ -213,7 +213,7 @@ def _collect(small: nn.Module, min_width: int, tied: dict[int, list[str]], only:
         fold(host, g)
         if (only is not None and name not in only) or name in keep:
             live = list(range(gate.n))
-        per = norm_group(host)
+        per = unit_group(host)
         if per > 1:  # a group normalised together leaves whole: its dead units stay, as zeros
             groups = {u // per for u in live}
             live = [u for u in range(gate.n) if u // per in groups]

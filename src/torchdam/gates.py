@@ -102,6 +102,8 @@ class DAMGate(nn.Module):
         k: spread of the offsets ``mu_j = k*j/n`` (5 in the paper).
         beta_init: initial beta; ``None`` takes the gate type's default (1.0 / 0.1).
         alpha: slope, frozen (1 in every experiment of the paper).
+        group: units in consecutive blocks of ``group`` share one offset, so they switch off
+            together (a graph attention conv's heads: ``n`` features, ``group`` per head).
 
     Example:
         >>> g = DAMGate(4)
@@ -117,6 +119,7 @@ class DAMGate(nn.Module):
         k: float = 5.0,
         beta_init: float | None = None,
         alpha: float = 1.0,
+        group: int = 1,
     ) -> None:
         super().__init__()
         try:
@@ -143,11 +146,16 @@ class DAMGate(nn.Module):
                                   f"got {beta_init!r}")
         if axis is not None:
             axis = whole_number("DAMGate's axis", axis)
+        group = whole_number("DAMGate's group", group)
+        if group < 1 or n % group:
+            raise ConfigError(f"DAMGate's group must divide its n={n} units, got group={group}")
         self.n = n
         self.axis = axis
         self.gate = gate
         self.k = k
         self.alpha = alpha
+        if group != 1:
+            self.group = group
         self._fn, default_beta = GATE_FUNCTIONS[gate]
         self.beta = nn.Parameter(torch.tensor(float(default_beta if beta_init is None else beta_init)))
         # mu is derived from (n, k): not persistent, so state_dicts carry only beta. Building
@@ -159,11 +167,14 @@ class DAMGate(nn.Module):
             raise ConfigError(f"DAMGate over n={n} units needs about {need / 2**30:.1f} GiB for its offsets, "
                               f"more than the {free / 2**30:.1f} GiB available; is n the layer's width?")
         try:
-            mu = self.k * torch.arange(n, dtype=torch.float32) / n
+            mu = self.k * (torch.arange(n) // group * group).float() / n
         except (RuntimeError, MemoryError) as err:  # the allocator's own error
             raise ConfigError(f"DAMGate over n={n} units needs {4 * n:,} bytes for its offsets and "
                               f"they cannot be allocated ({str(err).splitlines()[0][:120]})") from None
         self.register_buffer("mu", mu, persistent=False)
+
+    #: units sharing one offset (an instance attribute only when not 1)
+    group = 1
 
     def mask(self) -> Tensor:
         """Gate values g (shape ``(n,)``), differentiable in beta."""
@@ -196,4 +207,5 @@ class DAMGate(nn.Module):
         return x * g
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, gate={self.gate!r}, k={self.k}, alpha={self.alpha}, axis={self.axis}"
+        return (f"n={self.n}, gate={self.gate!r}, k={self.k}, alpha={self.alpha}, axis={self.axis}"
+                + (f", group={self.group}" if self.group != 1 else ""))

@@ -8,10 +8,15 @@ them (looked up in ``sys.modules``: torchdam works without PyG installed).
   output folds exactly into the rows of the Linears that produce it (and GCNConv's own
   bias), and a dead input feature leaves the Linears that read it. Each conv is one layer
   to the dependency graph; its own Linears are not gated apart from it.
+* ``GATConv`` and ``GATv2Conv`` (heads concatenated) split their features into heads that
+  share the attention logits: the features of a head share one DAM offset and switch off
+  together, and a dead head leaves whole. Their logits are homogeneous in the features
+  (GATv2's leaky ReLU too, for positive scales), so the gate folds into the features'
+  Linears with the logit weights divided by it: the attention stays as it was.
 
 An ``nn.Linear`` selector (the default :func:`torchdam.attach`) selects all of them.
-Other message-passing layers are left ungated by the default selection (attention
-convolutions such as ``GATConv`` split their features into heads).
+Other message-passing layers are left ungated by the default selection and named when
+nothing else could be gated.
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch_pruning as tp
+import torch
 from torch import Tensor, nn
 
-from torchdam.attach import LINEAR_LIKE, UNGATEABLE, UNIT_LAYERS
+from torchdam.attach import LINEAR_LIKE, UNGATEABLE, UNIT_GROUPS, UNIT_LAYERS
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,23 @@ class Rule:
     conv: bool = True
     #: why an instance cannot be gated beyond the checks every convolution gets (None: it can)
     refuses: Callable[[nn.Module], str | None] = lambda m: None
+    #: the layer's output width (all heads' features of an attention conv)
+    units: Callable[[nn.Module], int] = lambda m: m.out_channels
+    #: attention convs: features per head (consecutive units sharing one DAM offset, so a head
+    #: switches off whole), per-head parameters ``(1, heads, C)`` that weigh the gated features
+    #: in the attention logits (divided by the gate at folding, so the logits stay as they
+    #: were; cut with their heads), and those cut with their heads alone (logit terms apart)
+    head: Callable[[nn.Module], int] | None = None
+    logit_weights: tuple[str, ...] = ()
+    cut_with_heads: Callable[[nn.Module], tuple[str, ...]] = lambda m: ()
+
+
+def _present(m: nn.Module, *names: str) -> tuple[str, ...]:
+    return tuple(n for n in names if getattr(m, n, None) is not None)
+
+
+def _gat_refuses(m: nn.Module) -> str | None:
+    return None if m.concat else "it averages its heads (concat=False): a head cannot leave the mean"
 
 
 def _sage_outputs(m: nn.Module) -> tuple[str, ...]:
@@ -58,6 +81,16 @@ RULES: dict[tuple[str, str], Rule] = {
     ("nn.conv.sage_conv", "SAGEConv"): Rule(_sage_outputs, _sage_inputs, refuses=lambda m: (
         "it L2-normalises its output over the features (normalize=True), so a gate cannot fold into it"
         if m.normalize else None)),
+    # GAT: logits a_src.x_j + a_dst.x_i (+ a_edge.lin_edge(e)) over x = lin(x) split in heads
+    ("nn.conv.gat_conv", "GATConv"): Rule(
+        lambda m: _present(m, "lin", "res"), lambda m: _present(m, "lin", "res"), "bias", refuses=_gat_refuses,
+        units=lambda m: m.heads * m.out_channels, head=lambda m: m.out_channels,
+        logit_weights=("att_src", "att_dst"), cut_with_heads=lambda m: _present(m, "lin_edge", "att_edge")),
+    # GATv2: logits a.leaky_relu(lin_l(x_j) + lin_r(x_i) + lin_edge(e)), positively homogeneous
+    ("nn.conv.gatv2_conv", "GATv2Conv"): Rule(
+        lambda m: _present(m, "lin_l", "lin_r", "lin_edge", "res"), lambda m: _present(m, "lin_l", "lin_r", "res"),
+        "bias", refuses=_gat_refuses, units=lambda m: m.heads * m.out_channels, head=lambda m: m.out_channels,
+        logit_weights=("att",)),
 }
 #: aggregations over each feature on its own (a gate's zeros stay zeros, and scale through)
 PER_FEATURE_AGGREGATIONS = ("SumAggregation", "MeanAggregation", "MaxAggregation", "MinAggregation",
@@ -91,14 +124,28 @@ def _lin(module: nn.Module, path: str) -> nn.Module:
 
 def _fold(rule: Rule) -> Callable[[nn.Module, Tensor], None]:
     def fold(module: nn.Module, g: Tensor) -> None:
-        for path in rule.outputs(module):
-            lin = _lin(module, path)
+        for lin in _unique(module, rule.outputs(module)):
             lin.weight.mul_(g.unsqueeze(1))
             if lin.bias is not None:
                 lin.bias.mul_(g)
         if rule.bias and getattr(module, rule.bias) is not None:
             getattr(module, rule.bias).mul_(g)
+        # a head's features scaled by g > 0 and its logit weights by 1/g: the same logits (a
+        # dead head's logits no longer matter: its features are zero, and it leaves)
+        inverse = torch.where(g > 0, 1 / g.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+        for name in rule.logit_weights:
+            weight = getattr(module, name)
+            weight.mul_(inverse.view(weight.shape))
     return fold
+
+
+def _unique(module: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
+    """The modules at ``paths``, each once (GATv2 with ``share_weights``: lin_r is lin_l)."""
+    found: dict[int, nn.Module] = {}
+    for path in paths:
+        lin = _lin(module, path)
+        found.setdefault(id(lin), lin)
+    return list(found.values())
 
 
 class PygPruner(tp.pruner.function.BasePruningFunc):
@@ -113,29 +160,39 @@ class PygPruner(tp.pruner.function.BasePruningFunc):
         self.rule = rule
 
     def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
-        keep = sorted(set(range(layer.out_channels)) - set(idxs))
-        for path in self.rule.outputs(layer):
-            lin = _lin(layer, path)
+        rule, gone = self.rule, set(idxs)
+        keep = [i for i in range(rule.units(layer)) if i not in gone]
+        head = rule.head(layer) if rule.head is not None else None
+        if head is not None and len(gone) % head:
+            raise ValueError(f"{type(layer).__name__}: {len(gone)} features removed, not whole heads of {head}")
+        heads = [p for p in rule.cut_with_heads(layer) if isinstance(getattr(layer, p), nn.Module)]
+        for lin in _unique(layer, rule.outputs(layer) + tuple(heads)):
             lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)
             if lin.bias is not None:
                 lin.bias = self._prune_parameter_and_grad(lin.bias, keep, 0)
             lin.out_channels = len(keep)
-        if self.rule.bias and getattr(layer, self.rule.bias) is not None:
-            setattr(layer, self.rule.bias, self._prune_parameter_and_grad(getattr(layer, self.rule.bias), keep, 0))
-        layer.out_channels = len(keep)
+        if rule.bias and getattr(layer, rule.bias) is not None:
+            setattr(layer, rule.bias, self._prune_parameter_and_grad(getattr(layer, rule.bias), keep, 0))
+        if head is None:
+            layer.out_channels = len(keep)
+            return layer
+        for name in rule.logit_weights + tuple(p for p in rule.cut_with_heads(layer) if p not in heads):
+            weight = getattr(layer, name)  # (1, heads, C): cut as (1, heads * C)
+            flat = self._prune_parameter_and_grad(nn.Parameter(weight.detach().flatten(1)), keep, 1)
+            setattr(layer, name, nn.Parameter(flat.detach().view(1, -1, head), requires_grad=weight.requires_grad))
+        layer.heads = len(keep) // head
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
         keep = sorted(set(range(layer.in_channels)) - set(idxs))
-        for path in self.rule.inputs(layer):
-            lin = _lin(layer, path)
+        for lin in _unique(layer, self.rule.inputs(layer)):
             lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 1)
             lin.in_channels = len(keep)
         layer.in_channels = len(keep)
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.out_channels
+        return self.rule.units(layer)
 
     def get_in_channels(self, layer: nn.Module) -> int:
         return layer.in_channels
@@ -150,7 +207,9 @@ def register_pyg_layers() -> None:
     for cls, rule in _types().items():
         if cls in UNIT_LAYERS:
             continue
-        UNIT_LAYERS[cls] = ("out_channels", -1)
+        UNIT_LAYERS[cls] = (rule.units, -1)
+        if rule.head is not None:
+            UNIT_GROUPS[cls] = rule.head
         FOLDERS[cls] = _fold(rule)
         TP_PRUNERS[cls] = PygPruner(rule)
         if rule.conv:
@@ -190,14 +249,20 @@ def parts(module: nn.Module) -> list[tuple[nn.Module, bool, bool]]:
     """A registered PyG layer's Linears as ``(linear, its rows are the layer's outputs, its
     columns read the layer's inputs)``: what a width model prices each of them by."""
     rule = _types()[type(module)]
-    outs, ins = rule.outputs(module), rule.inputs(module)
-    return [(_lin(module, path), path in outs, path in ins) for path in dict.fromkeys(outs + ins)]
+    outs = rule.outputs(module) + tuple(p for p in rule.cut_with_heads(module) if isinstance(getattr(module, p), nn.Module))
+    ins = rule.inputs(module)
+    found: dict[int, tuple[nn.Module, bool, bool]] = {}
+    for path in dict.fromkeys(outs + ins):
+        lin = _lin(module, path)
+        found.setdefault(id(lin), (lin, path in outs, path in ins))
+    return list(found.values())
 
 
-def own_bias(module: nn.Module) -> nn.Parameter | None:
-    """The bias a PyG layer adds after its aggregation (GCNConv's), if any."""
+def head_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """An attention conv's per-head parameters ``(1, heads, C)``: they shrink with its features."""
     rule = _types()[type(module)]
-    return getattr(module, rule.bias) if rule.bias else None
+    names = rule.logit_weights + rule.cut_with_heads(module)
+    return [p for p in (getattr(module, n) for n in names) if isinstance(p, nn.Parameter)]
 
 
 def is_graph_conv(module: nn.Module) -> bool:

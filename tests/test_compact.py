@@ -275,3 +275,22 @@ def test_resnet_stream_narrows_to_the_widest_producer():
     assert small.fc.in_features == max(widths[n][0] for n in stage3) < 64
     assert small.layer3[1].conv1.in_channels == small.fc.in_features
     assert_same_outputs(model, small, x)
+
+
+def test_a_forward_that_asserts_its_input_shape_fails_in_one_line():
+    """Model code checks shapes with bare asserts (diffusers' Upsample2D): a ShapeError
+    naming the inputs, not an AssertionError from deep inside."""
+    class Checked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            if x.shape[1] != 4:
+                raise AssertionError  # what `assert` raises outside pytest: no message
+            return self.out(torch.relu(self.fc(x)))
+
+    model = Checked()
+    dam.attach(model)
+    with pytest.raises(dam.ShapeError, match=r"\[\(2, 5\)\] do not fit Checked: AssertionError in its forward"):
+        compact(model, torch.randn(2, 5))

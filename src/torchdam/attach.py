@@ -117,6 +117,13 @@ def unit_group(host: nn.Module) -> int:
     return int(fn(host)) if fn is not None else 1
 
 
+#: block type -> ``fn(block, child)``: the name of the norm that normalises child ``child``'s
+#: output in ``block``'s forward when it is not the next registered sibling (diffusers'
+#: ResNet block: ``norm2`` after ``conv1``, with the time embedding's Linear registered
+#: between them); None: the registration order decides
+FOLLOWED_BY: dict[type, Callable[[nn.Module, str], str | None]] = {}
+
+
 def _grouped_conv_reason(module: nn.modules.conv._ConvNd) -> str | None:
     if module.groups == 1:
         return None
@@ -273,6 +280,13 @@ def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str
     time-embedding Linear just before the GroupNorm of the conv's output)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
+    rule = FOLLOWED_BY.get(type(parent))
+    norm = rule(parent, attr) if rule is not None else None
+    if norm is not None:
+        nxt = getattr(parent, norm)
+        per_unit = next((FOLLOWING_NORMS[c] for c in type(nxt).__mro__ if c in FOLLOWING_NORMS), None)
+        if per_unit is not None and per_unit(nxt, _units(module)[0]):
+            return (f"{parent_name}.{norm}" if parent_name else norm), nxt
     children = list(parent.named_children())
     for i, (child_name, child) in enumerate(children[:-1]):
         if child_name == attr and child is module:

@@ -129,6 +129,17 @@ def register_hf_layers() -> None:
         LINEAR_LIKE.append(conv1d)
 
 
+def register_library_layers() -> None:
+    """Teach attach, compact and budgets the layers of the libraries a model is built with:
+    Transformers' ``Conv1D``, PyTorch Geometric (:mod:`torchdam.pyg`), diffusers
+    (:mod:`torchdam.diffusion`); each a no-op unless the library's files are loaded."""
+    from torchdam import diffusion  # it builds on this module
+
+    register_hf_layers()
+    pyg.register_pyg_layers()
+    diffusion.register_diffusers_layers()
+
+
 def customized_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
     """Torch-Pruning rules for layer types it lacks (HF ``Conv1D``), for ``build_dependency``."""
     conv1d = conv1d_type()
@@ -768,8 +779,9 @@ def scan(model: nn.Module, heads: bool) -> tuple[dict[str, Site], set[str]]:
     """For :func:`torchdam.attach.plan`: the head sites (``{attention module: Site}``, only
     when ``heads``) and the names of layers a type selector must not match (attention
     projections and :data:`NOT_GATED` children)."""
-    register_hf_layers()
-    pyg.register_pyg_layers()
+    from torchdam import diffusion
+
+    register_library_layers()
     not_gated = _not_gated_types()
     sites: dict[str, Site] = {}
     skip: set[str] = set()
@@ -782,7 +794,8 @@ def scan(model: nn.Module, heads: bool) -> tuple[dict[str, Site], set[str]]:
             if (heads or not layout.heads) and name:
                 units, _, _ = layout.layout(module)
                 sites[name] = Site(name, name, units, -2, "heads")  # heads, or PairedUnits' units
-        for child in not_gated.get(type(module), ()) or _standard_not_gated(module) or pyg.not_gated(module):
+        for child in (not_gated.get(type(module), ()) or _standard_not_gated(module) or pyg.not_gated(module)
+                      or diffusion.not_gated(module)):
             skip.add(prefix + child)
     return sites, skip
 

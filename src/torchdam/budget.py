@@ -154,8 +154,7 @@ class WidthModel:
 
     def __init__(self, model: nn.Module, example_inputs) -> None:
         source = unwrap(model)
-        attention.register_hf_layers()
-        pyg.register_pyg_layers()
+        attention.register_library_layers()
         gates = list(named_gates(source))
         if not gates:
             raise AttachError("a budget needs DAM gates: call torchdam.attach(model) first")

@@ -62,11 +62,11 @@ def run_eval(model: nn.Module, example_inputs) -> list[Tensor]:
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(EVAL_SEED)
             out = call(model, example_inputs)
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:  # model code asserts shapes too
         inputs = example_inputs.values() if isinstance(example_inputs, Mapping) else as_tuple(example_inputs)
         shapes = [tuple(t.shape) for t in inputs if isinstance(t, Tensor)]
-        raise ShapeError(f"example_inputs of shape {shapes} do not fit {type(model).__name__}: "
-                         f"{str(exc).splitlines()[0]}") from exc
+        why = str(exc).splitlines()[0] if str(exc).strip() else f"{type(exc).__name__} in its forward"
+        raise ShapeError(f"example_inputs of shape {shapes} do not fit {type(model).__name__}: {why}") from exc
     finally:
         model.train(was_training)
     return compared_outputs(out)

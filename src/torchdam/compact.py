@@ -326,8 +326,7 @@ def compact(
     if min_width < 1:
         raise CompactionError(f"min_width must be >= 1, got {min_width}")
     source = unwrap(model)
-    attention.register_hf_layers()
-    pyg.register_pyg_layers()
+    attention.register_library_layers()
     if not any(isinstance(m, DAMGate) for m in source.modules()):
         raise CompactionError("compact: the model has no DAM gates; call torchdam.attach(model) first")
     # Torch-Pruning traces through autograd: grad mode on for the copy only (restored on exit).

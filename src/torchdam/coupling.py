@@ -158,6 +158,25 @@ def _downstream(dg: tp.DependencyGraph, host: nn.Module) -> set[int]:
     return seen
 
 
+def _writers(dg: tp.DependencyGraph, host: nn.Module) -> set[int]:
+    """Ids of the layers whose outputs reach ``host``'s input through tensor ops alone (an
+    add, a broadcast's unsqueeze): diffusers' ``conv1`` and time embedding before ``norm2``.
+    What they write into the host's dead units ends there (the gate acts after the host)."""
+    start = dg.module2node[host]
+    seen, stack, found = {id(start)}, [start], set()
+    while stack:
+        node = stack.pop()
+        for src in node.inputs:
+            if id(src) in seen:
+                continue
+            seen.add(id(src))
+            if src.type in _TENSOR_OPS:
+                stack.append(src)
+            else:
+                found.add(id(src))
+    return found
+
+
 def plain_idxs(idxs) -> list[int]:
     return [int(i) for i in tp._helpers.to_plain_idxs(list(idxs))]
 
@@ -171,6 +190,7 @@ def consumer_inputs(dg: tp.DependencyGraph, group, layer: GatedLayer, frozen: di
 
     - they are coupled with other layers' outputs (a residual stream) or pass through a
       layer that mixes units (LayerNorm, GroupNorm over several channels, a grouped conv);
+      the other writers into a host norm's input are not others (the units die after it);
     - a coupled layer must keep its width (``frozen``: tied weights, grouped convs);
     - nothing consumes them (they are the model's output).
 
@@ -180,6 +200,8 @@ def consumer_inputs(dg: tp.DependencyGraph, group, layer: GatedLayer, frozen: di
     """
     own = {id(dg.module2node[layer.producer]), id(dg.module2node[layer.host])}
     passing = _downstream(dg, layer.host) | own
+    if layer.host is not layer.producer:  # a norm after an add: every writer into it loses the units
+        passing |= _writers(dg, layer.host)
     consumers: dict[nn.Module, list[int]] = {}
     for dep, idxs in group:
         node, module = dep.target, dep.target.module

@@ -133,12 +133,17 @@ def test_attention_heads_are_the_units_and_leave(family):
         assert attn.to_out[0].in_features == live * d
 
 
-def test_width_model_prices_what_compact_gives():
+def gated_unet() -> tuple[nn.Module, torch.Generator, tuple]:
+    """A fresh gated UNet, a generator and example inputs (two samples)."""
     torch.manual_seed(0)
     model = unet()
     dam.attach(model)
     gen = torch.Generator().manual_seed(0)
-    example = unet_inputs(2, gen)
+    return model, gen, unet_inputs(2, gen)
+
+
+def test_width_model_prices_what_compact_gives():
+    model, gen, example = gated_unet()
     wm = WidthModel(model, example)
     for fraction in (0.3, 0.7):
         live = [max(g.group, int(g.n * fraction)) for _, g in dam.named_gates(model)]
@@ -156,11 +161,7 @@ def test_width_model_prices_what_compact_gives():
 
 
 def test_budget_lands_a_unet_on_half_its_flops():
-    torch.manual_seed(0)
-    model = unet()
-    dam.attach(model)
-    gen = torch.Generator().manual_seed(0)
-    example = unet_inputs(2, gen)
+    model, gen, example = gated_unet()
     budget, steps = Budget(flops=0.5), 12
     budget.bind(model, example, total_steps=steps)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

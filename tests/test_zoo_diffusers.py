@@ -22,7 +22,7 @@ from torchdam.budget import TOLERANCE, Budget, WidthModel, _beta_for
 
 D = pytest.importorskip("diffusers")
 
-UNET = dict(sample_size=16, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8)
+UNET = {"sample_size": 16, "layers_per_block": 1, "block_out_channels": (32, 64), "norm_num_groups": 8}
 
 
 def unet(**extra) -> nn.Module:

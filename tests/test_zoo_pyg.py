@@ -25,8 +25,8 @@ from torchdam.compact import ScatterUnits
 from torchdam.errors import AttachError, CheckpointError
 
 pyg = pytest.importorskip("torch_geometric")
-from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, GraphConv, SAGEConv  # noqa: E402
-from torch_geometric.nn import models as M  # noqa: E402
+from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, GraphConv, SAGEConv
+from torch_geometric.nn import models as M
 
 NODES, FEATURES, HIDDEN, CLASSES = 40, 12, 32, 4
 

@@ -302,9 +302,9 @@ def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers with units, outermost only (a PyG graph conv, not the Linear inside it)."""
     found: list[tuple[str, nn.Module]] = []
     for n, m in model.named_modules():
-        if _unit_rule(type(m)) is not None and not isinstance(m, _EXPLICIT_ONLY):
-            if not (found and n.startswith(found[-1][0] + ".")):
-                found.append((n, m))
+        inside = found and n.startswith(found[-1][0] + ".")
+        if _unit_rule(type(m)) is not None and not isinstance(m, _EXPLICIT_ONLY) and not inside:
+            found.append((n, m))
     return found
 
 
@@ -377,7 +377,7 @@ def plan(
         >>> plan(net)["0"].host
         '1'
     """
-    from torchdam import attention
+    from torchdam import attention, pyg
 
     model = unwrap(model)
     if isinstance(model, torch.jit.ScriptModule):
@@ -445,7 +445,7 @@ def plan(
                if output_name and output_name not in not_by_type
                and _matches(output_name, model.get_submodule(output_name), layers) else "")
             + (f"; layers of one unit are gated only by name ({', '.join(map(repr, single[:3]))})" if single else "")
-            + attention.pyg.unsupported(model)
+            + pyg.unsupported(model)
         )
     return sites
 

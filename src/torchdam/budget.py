@@ -83,7 +83,15 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from torchdam import attention, coupling, pyg
-from torchdam.attach import _units, detach, gate_paths, named_gates, unit_group, unwrap, widths
+from torchdam.attach import (
+    _units,
+    detach,
+    gate_paths,
+    named_gates,
+    unit_group,
+    unwrap,
+    widths,
+)
 from torchdam.calling import as_tuple, run_eval
 from torchdam.compact import ScatterUnits, compact, plain_weights
 from torchdam.count import FlopCounter

@@ -64,7 +64,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from torchdam import attention, coupling, pyg
+from torchdam import attention, coupling
 from torchdam.attach import (
     _ungateable_reason,
     _unit_rule,

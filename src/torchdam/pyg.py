@@ -21,11 +21,11 @@ nothing else could be gated.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-import torch_pruning as tp
 import torch
+import torch_pruning as tp
 from torch import Tensor, nn
 
 from torchdam.attach import LINEAR_LIKE, UNGATEABLE, UNIT_GROUPS, UNIT_LAYERS

@@ -171,7 +171,7 @@ class WidthModel:
         work = copy.deepcopy(source).eval()
         plain_weights(work)  # as in compact's copy
         info = [(name, host, g.n) for name, host, g in gate_paths(work)]
-        #: units each gate's host normalises together (a GroupNorm's group): they leave together
+        #: units of each gate that leave together (a GroupNorm's group, a graph attention head)
         self.groups = [unit_group(work.get_submodule(host)) for _, host, _ in info]
         self._group = torch.tensor(self.groups, dtype=torch.float64)
         heads = self._head_gates(work, info)

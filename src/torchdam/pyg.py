@@ -163,8 +163,10 @@ class PygPruner(tp.pruner.function.BasePruningFunc):
         rule, gone = self.rule, set(idxs)
         keep = [i for i in range(rule.units(layer)) if i not in gone]
         head = rule.head(layer) if rule.head is not None else None
-        if head is not None and len(gone) % head:
-            raise ValueError(f"{type(layer).__name__}: {len(gone)} features removed, not whole heads of {head}")
+        if head is not None and len({i // head for i in gone}) * head != len(gone):
+            from torchdam.coupling import Refused  # (coupling builds on this module)
+
+            raise Refused(f"{type(layer).__name__} would lose part of a head of {head} features")
         heads = [p for p in rule.cut_with_heads(layer) if isinstance(getattr(layer, p), nn.Module)]
         for lin in _unique(layer, rule.outputs(layer) + tuple(heads)):
             lin.weight = self._prune_parameter_and_grad(lin.weight, keep, 0)

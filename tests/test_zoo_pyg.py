@@ -25,7 +25,20 @@ from torchdam.compact import ScatterUnits
 from torchdam.errors import AttachError, CheckpointError
 
 pyg = pytest.importorskip("torch_geometric")
-from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, GraphConv, SAGEConv
+from torch_geometric.nn import (
+    ChebConv,
+    ClusterGCNConv,
+    GATConv,
+    GATv2Conv,
+    GCNConv,
+    GraphConv,
+    LEConv,
+    ResGatedGraphConv,
+    SAGEConv,
+    SGConv,
+    TAGConv,
+    TransformerConv,
+)
 from torch_geometric.nn import models as M
 
 NODES, FEATURES, HIDDEN, CLASSES = 40, 12, 32, 4
@@ -65,6 +78,31 @@ class EdgeGATNet(nn.Module):
         return self.head(F.elu(self.conv2(x, edge_index, edge_attr=edge_attr)))
 
 
+class TwoConvNet(nn.Module):
+    """Two graph convs of one kind, ReLU between, a Linear head."""
+
+    def __init__(self, conv: Callable[[int, int], nn.Module]) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = conv(FEATURES, HIDDEN), conv(HIDDEN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x, edge_index)), edge_index)))
+
+
+class GraphTransformerNet(nn.Module):
+    """Two TransformerConv layers (4 and 2 heads of 8, root weights), a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = TransformerConv(FEATURES, 8, heads=4)
+        self.conv2 = TransformerConv(32, 8, heads=2)
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x, edge_index)), edge_index)))
+
+
 @dataclass(frozen=True)
 class Family:
     make: Callable[[], nn.Module]
@@ -92,6 +130,10 @@ FAMILIES = {
     "gat_edge_residual": Family(lambda: EdgeGATNet(GATConv), lambda m: m.conv1, "conv1"),
     "gatv2_shared_edge_residual": Family(lambda: EdgeGATNet(GATv2Conv, share_weights=True), lambda m: m.conv1,
                                          "conv1"),
+    "graph_transformer": Family(GraphTransformerNet, lambda m: m.conv1, "conv1"),
+    **{name: Family(functools.partial(TwoConvNet, conv), lambda m: m.conv1, "conv1") for name, conv in (
+        ("cheb", functools.partial(ChebConv, K=3)), ("tag", TAGConv), ("sg", functools.partial(SGConv, K=2)),
+        ("le", LEConv), ("cluster_gcn", ClusterGCNConv), ("res_gated", ResGatedGraphConv))},
 }
 
 
@@ -236,7 +278,8 @@ def test_budget_lands_on_a_third_of_the_flops(make):
         assert torch.allclose(small(x, edge_index), model(x, edge_index), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gat", "gatv2", "gat_edge_residual", "gatv2_shared_edge_residual"])
+@pytest.mark.parametrize("family", ["gat", "gatv2", "gat_edge_residual", "gatv2_shared_edge_residual",
+                                    "graph_transformer"])
 def test_attention_heads_leave_whole_and_the_attention_stays(family):
     """A head's features share one offset: the gate's width moves by whole heads, the
     compacted conv has fewer heads, every per-head weight shrank with them."""
@@ -251,20 +294,28 @@ def test_attention_heads_leave_whole_and_the_attention_stays(family):
 
 
 def test_graph_convs_without_a_rule_are_named_when_nothing_else_is_gated():
-    from torch_geometric.nn import TransformerConv
+    from torch_geometric.nn import FeaStConv
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv = TransformerConv(FEATURES, 8, heads=2)
+            self.conv = FeaStConv(FEATURES, 16)
             self.head = nn.Linear(16, CLASSES)
 
         def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
             return self.head(self.conv(x, edge_index))
 
-    with pytest.raises(AttachError, match=re.escape("'conv' (TransformerConv)")) as err:
+    with pytest.raises(AttachError, match=re.escape("'conv' (FeaStConv)")) as err:
         dam.attach(Net())
     assert "\n" not in str(err.value) and "GCNConv" in str(err.value)
+
+
+@pytest.mark.parametrize("options, why", [({"beta": True}, "beta=True"), ({"edge_dim": 2}, "edge_dim"),
+                                           ({"concat": False}, "concat=False")])
+def test_a_graph_transformer_the_gate_cannot_fold_into_is_refused_by_name(options, why):
+    model = nn.ModuleDict({"a": TransformerConv(FEATURES, 8, heads=2, **options), "out": nn.Linear(16, CLASSES)})
+    with pytest.raises(AttachError, match=f"'a'.*{re.escape(why)}"):
+        dam.attach(model, layers=("a",))
 
 
 def test_a_gat_averaging_its_heads_is_refused_by_name_and_skipped_by_default():

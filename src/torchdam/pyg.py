@@ -3,16 +3,18 @@ them (looked up in ``sys.modules``: torchdam works without PyG installed).
 
 * PyG's ``Linear`` (``torch_geometric.nn.dense.linear``) is a Linear with ``in_channels`` /
   ``out_channels``: the MLPs of ``torch_geometric.nn.models.MLP``, GIN and EdgeConv.
-* A graph convolution's units are its output node features. ``GCNConv``, ``GraphConv`` and
-  ``SAGEConv`` aggregate per feature (sum, mean, max, min, mul), so a gate on the conv's
-  output folds exactly into the rows of the Linears that produce it (and GCNConv's own
+* A graph convolution's units are its output node features. ``GCNConv``, ``GraphConv``,
+  ``SAGEConv``, ``SGConv``, ``LEConv``, ``ClusterGCNConv``, ``TAGConv``, ``ChebConv`` and
+  ``ResGatedGraphConv`` aggregate per feature (sum, mean, max, min, mul), so a gate on the
+  conv's output folds exactly into the rows of the Linears that produce it (and an own
   bias), and a dead input feature leaves the Linears that read it. Each conv is one layer
   to the dependency graph; its own Linears are not gated apart from it.
-* ``GATConv`` and ``GATv2Conv`` (heads concatenated) split their features into heads that
-  share the attention logits: the features of a head share one DAM offset and switch off
-  together, and a dead head leaves whole. Their logits are homogeneous in the features
-  (GATv2's leaky ReLU too, for positive scales), so the gate folds into the features'
-  Linears with the logit weights divided by it: the attention stays as it was.
+* ``GATConv``, ``GATv2Conv`` and ``TransformerConv`` (heads concatenated) split their
+  features into heads that share the attention logits: the features of a head share one DAM
+  offset and switch off together, and a dead head leaves whole. GAT's logits are homogeneous
+  in the features (GATv2's leaky ReLU too, for positive scales), so the gate folds into the
+  features' Linears with the logit weights divided by it; TransformerConv's gated features
+  are its values, apart from the logits: either way the attention stays as it was.
 
 An ``nn.Linear`` selector (the default :func:`torchdam.attach`) selects all of them.
 Other message-passing layers are left ungated by the default selection and named when
@@ -49,7 +51,8 @@ class Rule:
     #: attention convs: features per head (consecutive units sharing one DAM offset, so a head
     #: switches off whole), per-head parameters ``(1, heads, C)`` that weigh the gated features
     #: in the attention logits (divided by the gate at folding, so the logits stay as they
-    #: were; cut with their heads), and those cut with their heads alone (logit terms apart)
+    #: were; cut with their heads), and Linears and parameters that only lose a dead unit's
+    #: rows (logit terms apart: GAT's edge features, keys and queries)
     head: Callable[[nn.Module], int] | None = None
     logit_weights: tuple[str, ...] = ()
     cut_with_heads: Callable[[nn.Module], tuple[str, ...]] = lambda m: ()
@@ -61,6 +64,18 @@ def _present(m: nn.Module, *names: str) -> tuple[str, ...]:
 
 def _gat_refuses(m: nn.Module) -> str | None:
     return None if m.concat else "it averages its heads (concat=False): a head cannot leave the mean"
+
+
+def _transformer_refuses(m: nn.Module) -> str | None:
+    if m.lin_beta is not None:
+        return "it mixes its output features into a gate of its own (beta=True)"
+    if m.lin_edge is not None:
+        return "its edge features enter both the attention keys and the values (edge_dim)"
+    return _gat_refuses(m)
+
+
+def _hops(m: nn.Module) -> tuple[str, ...]:
+    return tuple(f"lins.{k}" for k in range(len(m.lins)))
 
 
 def _sage_outputs(m: nn.Module) -> tuple[str, ...]:
@@ -81,6 +96,18 @@ RULES: dict[tuple[str, str], Rule] = {
     ("nn.conv.sage_conv", "SAGEConv"): Rule(_sage_outputs, _sage_inputs, refuses=lambda m: (
         "it L2-normalises its output over the features (normalize=True), so a gate cannot fold into it"
         if m.normalize else None)),
+    # linear in their Linears' outputs (sums over neighbours and hops)
+    ("nn.conv.sg_conv", "SGConv"): Rule(lambda m: ("lin",), lambda m: ("lin",)),
+    ("nn.conv.le_conv", "LEConv"): Rule(lambda m: ("lin1", "lin2", "lin3"), lambda m: ("lin1", "lin2", "lin3")),
+    ("nn.conv.cluster_gcn_conv", "ClusterGCNConv"): Rule(lambda m: ("lin_out", "lin_root"),
+                                                          lambda m: ("lin_out", "lin_root")),
+    ("nn.conv.tag_conv", "TAGConv"): Rule(_hops, _hops, "bias"),
+    ("nn.conv.cheb_conv", "ChebConv"): Rule(_hops, _hops, "bias"),
+    # ResGatedGraphConv: sigmoid(k_i + q_j) * v_j per feature: the values and the root term
+    # carry the gate; keys and queries only lose a dead feature's rows
+    ("nn.conv.res_gated_graph_conv", "ResGatedGraphConv"): Rule(
+        lambda m: _present(m, "lin_value", "lin_skip"), lambda m: _present(m, "lin_key", "lin_query", "lin_value", "lin_skip"),
+        "bias", cut_with_heads=lambda m: ("lin_key", "lin_query")),
     # GAT: logits a_src.x_j + a_dst.x_i (+ a_edge.lin_edge(e)) over x = lin(x) split in heads
     ("nn.conv.gat_conv", "GATConv"): Rule(
         lambda m: _present(m, "lin", "res"), lambda m: _present(m, "lin", "res"), "bias", refuses=_gat_refuses,
@@ -91,6 +118,12 @@ RULES: dict[tuple[str, str], Rule] = {
         lambda m: _present(m, "lin_l", "lin_r", "lin_edge", "res"), lambda m: _present(m, "lin_l", "lin_r", "res"),
         "bias", refuses=_gat_refuses, units=lambda m: m.heads * m.out_channels, head=lambda m: m.out_channels,
         logit_weights=("att",)),
+    # TransformerConv: logits q_i.k_j per head; the gated features are the values (and the
+    # root term), so q and k only lose a dead head's rows
+    ("nn.conv.transformer_conv", "TransformerConv"): Rule(
+        lambda m: _present(m, "lin_value", "lin_skip"), lambda m: _present(m, "lin_query", "lin_key", "lin_value", "lin_skip"),
+        refuses=_transformer_refuses, units=lambda m: m.heads * m.out_channels, head=lambda m: m.out_channels,
+        cut_with_heads=lambda m: ("lin_query", "lin_key")),
 }
 #: aggregations over each feature on its own (a gate's zeros stay zeros, and scale through)
 PER_FEATURE_AGGREGATIONS = ("SumAggregation", "MeanAggregation", "MaxAggregation", "MinAggregation",
@@ -226,8 +259,12 @@ def not_gated(module: nn.Module) -> tuple[str, ...]:
     base = sys.modules.get("torch_geometric.nn.conv.message_passing")
     if base is None or not isinstance(module, base.MessagePassing):
         return ()
-    linear = sys.modules["torch_geometric.nn.dense.linear"].Linear
-    return tuple(name for name, child in module.named_children() if isinstance(child, (nn.Linear, linear)))
+    linear = (nn.Linear, sys.modules["torch_geometric.nn.dense.linear"].Linear)
+    found = [name for name, child in module.named_children() if isinstance(child, linear)]
+    for name, child in module.named_children():  # parallel Linears summed (ChebConv's ``lins``)
+        if isinstance(child, nn.ModuleList):
+            found += [f"{name}.{i}" for i, c in enumerate(child) if isinstance(c, linear)]
+    return tuple(found)
 
 
 def unsupported(model: nn.Module) -> str:
@@ -238,7 +275,7 @@ def unsupported(model: nn.Module) -> str:
         return ""
     known = tuple(_types())
     found = [(n, type(m).__name__) for n, m in model.named_modules()
-             if isinstance(m, base.MessagePassing) and not isinstance(m, known) and not_gated(m)]
+             if isinstance(m, base.MessagePassing) and not isinstance(m, known)]
     if not found:
         return ""
     names = ", ".join(f"{n!r} ({c})" for n, c in found[:3]) + (", ..." if len(found) > 3 else "")

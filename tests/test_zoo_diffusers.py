@@ -133,17 +133,31 @@ def test_attention_heads_are_the_units_and_leave(family):
         assert attn.to_out[0].in_features == live * d
 
 
-def gated_unet() -> tuple[nn.Module, torch.Generator, tuple]:
+def test_a_gated_feed_forward_is_gated_by_its_hidden_pairs():
+    """GEGLU's projection packs ``[h | g]`` for ``h * gelu(g)``: a unit is one channel of each
+    half and one input of the output Linear (as Phi-3's MLP)."""
+    c = compacted("unet2d_condition")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.ff"
+    live, total = dam.widths(c.gated)[name]
+    ff = c.small.get_submodule(name)
+    assert 0 < live < total == c.gated.get_submodule(name).net[2].in_features
+    assert ff.net[0].proj.out_features == 2 * live and ff.net[2].in_features == live
+
+
+def gated_unet(make: Callable[[], nn.Module] = unet,
+               inputs: Callable[[int, torch.Generator], tuple] = unet_inputs) -> tuple[nn.Module, torch.Generator, tuple]:
     """A fresh gated UNet, a generator and example inputs (two samples)."""
     torch.manual_seed(0)
-    model = unet()
+    model = make()
     dam.attach(model)
     gen = torch.Generator().manual_seed(0)
-    return model, gen, unet_inputs(2, gen)
+    return model, gen, inputs(2, gen)
 
 
-def test_width_model_prices_what_compact_gives():
-    model, gen, example = gated_unet()
+@pytest.mark.parametrize("family", ["unet2d", "unet2d_condition"])
+def test_width_model_prices_what_compact_gives(family):
+    fam = FAMILIES[family]
+    model, gen, example = gated_unet(fam.make, fam.inputs)
     wm = WidthModel(model, example)
     for fraction in (0.3, 0.7):
         live = [max(g.group, int(g.n * fraction)) for _, g in dam.named_gates(model)]
@@ -153,7 +167,7 @@ def test_width_model_prices_what_compact_gives():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             small = dam.compact(model, example)
-        one = unet_inputs(1, gen)
+        one = fam.inputs(1, gen)
         for metric in ("flops", "params"):
             said = float(wm.relative(torch.tensor(live, dtype=torch.float64), metric))
             real = dam.count(small, one)[metric] / dam.count(model, one)[metric]

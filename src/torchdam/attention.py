@@ -760,9 +760,12 @@ def standard_hf_heads(module: nn.Module) -> Heads | None:
 
 def heads_of(module: nn.Module) -> Heads | None:
     """The head layout of ``module`` if it is a recognised attention module: a registered
-    type (:data:`ATTENTION`, :data:`HF_ATTENTION`) or a standard Hugging Face one."""
+    type (:data:`ATTENTION`, :data:`HF_ATTENTION`) or a standard Hugging Face one (or a
+    diffusers FeedForward with a gated activation, laid out as units)."""
+    from torchdam import diffusion  # it builds on this module
+
     layout = attention_types().get(type(module))
-    return layout if layout is not None else standard_hf_heads(module)
+    return layout if layout is not None else (standard_hf_heads(module) or diffusion.heads(module))
 
 
 def _not_gated_types() -> dict[type, tuple[str, ...]]:

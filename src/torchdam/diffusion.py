@@ -11,6 +11,9 @@ imported them (looked up in ``sys.modules``: torchdam works without diffusers in
 * ``Attention`` (the UNets' self- and cross-attention): heads are the units, as for the
   Transformers families (``to_q``/``to_k``/``to_v`` rows and ``to_out[0]`` columns; its
   ``heads`` and ``inner_dim`` updated), where its layout is the plain one.
+* ``FeedForward`` with a gated activation (GEGLU, SwiGLU: ``h * act(g)`` with ``h, g`` the
+  two halves of one projection): its units are the hidden channels, one of each half, gated
+  at the output Linear's input (:class:`torchdam.attention.PairedUnits`, as Phi-3's MLP).
 """
 from __future__ import annotations
 
@@ -52,6 +55,23 @@ class DiffusersHeads(attention.SplitHeads):
 
 HEADS = DiffusersHeads("to_q", "to_k", "to_v", "to_out.0", "heads", {
     "heads": lambda h, kv, d: h, "inner_dim": lambda h, kv, d: h * d, "inner_kv_dim": lambda h, kv, d: kv * d})
+
+
+#: gated activations of a FeedForward (their ``proj`` packs ``[h | g]``)
+GLU_ACTIVATIONS = ("GEGLU", "SwiGLU")
+PAIRED = attention.PairedUnits("net.0.proj", "net.2")
+
+
+def heads(module: nn.Module) -> attention.Heads | None:
+    """The unit layout of a diffusers FeedForward with a gated activation (None otherwise)."""
+    ff = _loaded("models.attention", "FeedForward")
+    if ff is None or not isinstance(module, ff) or len(module.net) < 3:
+        return None
+    act, down = module.net[0], module.net[2]
+    if type(act).__name__ in GLU_ACTIVATIONS and isinstance(getattr(act, "proj", None), nn.Linear) \
+            and isinstance(down, nn.Linear):
+        return PAIRED
+    return None
 
 
 def register_diffusers_layers() -> None:

@@ -224,3 +224,28 @@ def test_an_fx_traced_model_compacts():
     small = dam.compact(traced, torch.randn(2, 3, 8, 8))
     assert isinstance(small, torch.fx.GraphModule) and small.get_submodule("5").in_features < 8 * 4 * 4
     assert_same_outputs(traced, small, torch.randn(3, 3, 8, 8))
+
+
+def test_a_peft_lora_model_is_refused_naming_its_layer_and_merged_it_compacts():
+    """LoRA adds ``lora_B(lora_A(x))`` beside the wrapped Linear: not folded or removed yet,
+    so attach says so in one line, with the fix (merge the adapters), which then works."""
+    T = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with pytest.raises(dam.AttachError, match=r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj' is a peft "
+                                              r"adapter layer.*merge_and_unload") as err:
+        dam.attach(lora)
+    assert "\n" not in str(err.value)
+    merged = lora.merge_and_unload()
+    gates = dam.attach(merged)
+    with torch.no_grad():
+        for g in gates.values():
+            g.beta.fill_(-2.0)
+    ids = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    merged.eval()
+    with torch.no_grad():
+        small = dam.compact(merged, {"input_ids": ids})
+        assert torch.allclose(small(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)

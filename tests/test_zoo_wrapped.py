@@ -226,26 +226,59 @@ def test_an_fx_traced_model_compacts():
     assert_same_outputs(traced, small, torch.randn(3, 3, 8, 8))
 
 
-def test_a_peft_lora_model_is_refused_naming_its_layer_and_merged_it_compacts():
-    """LoRA adds ``lora_B(lora_A(x))`` beside the wrapped Linear: not folded or removed yet,
-    so attach says so in one line, with the fix (merge the adapters), which then works."""
+def _lora_llama(**options):
     T = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
-    with pytest.raises(dam.AttachError, match=r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj' is a peft "
-                                              r"adapter layer.*merge_and_unload") as err:
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, **options))
+
+
+def test_a_lora_fine_tune_prunes_through_its_adapters():
+    """peft's LoRA Linear is one layer (base rows + lora_B rows out, base + lora_A columns in):
+    the frozen base and the adapters shrink together, heads included, exactly; the width model
+    prices it as compact gives it."""
+    from torchdam.budget import WidthModel, _beta_for
+
+    lora = _lora_llama()
+    gates = dam.attach(lora)
+    inner = "base_model.model.model.layers.0"
+    assert f"{inner}.self_attn" in gates and f"{inner}.mlp.up_proj" in gates
+    ids = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = lora(input_ids=ids).logits
+    (out.square().mean() + dam.penalty(lora, 1.0)).backward()
+    grads = {n: p.grad for n, p in lora.named_parameters()}
+    assert any(g is not None for n, g in grads.items() if "lora_A" in n)
+    assert all(g is None for n, g in grads.items() if "base_layer" in n)  # LoRA's base stays frozen
+    wm = WidthModel(lora, {"input_ids": ids})
+    live = [max(1, g.n // 3) for _, g in dam.named_gates(lora)]
+    with torch.no_grad():
+        for (_, g), count in zip(dam.named_gates(lora), live):
+            g.beta.fill_(_beta_for(g, count))
+    lora.eval()
+    with torch.no_grad():
+        small = dam.compact(lora, {"input_ids": ids})
+        assert torch.allclose(small(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-5)
+    q = small.get_submodule(f"{inner}.self_attn.q_proj")
+    assert q.out_features == q.base_layer.out_features == q.lora_B["default"].out_features == 16  # 1 of 2 kv groups
+    up = small.get_submodule(f"{inner}.mlp.up_proj")
+    assert up.out_features == up.lora_B["default"].out_features == 21
+    assert small.get_submodule(f"{inner}.mlp.down_proj").lora_A["default"].in_features == 21
+    one = {"input_ids": ids[:1]}
+    for metric in ("flops", "params"):
+        said = float(wm.cost(torch.tensor(live, dtype=torch.float64), metric))
+        assert said == pytest.approx(dam.count(small, one)[metric], rel=1e-9), metric
+
+
+def test_a_lora_variant_with_state_per_unit_is_refused_by_name():
+    """DoRA keeps a magnitude per output unit: refused, naming the layer, when selected; by
+    default its layers (and the heads they project) are left whole, and said so."""
+    lora = _lora_llama(use_dora=True)
+    name = "base_model.model.model.layers.0.mlp.up_proj"
+    with pytest.raises(dam.AttachError, match=f"'{name}'.*DoRA"):
+        dam.attach(lora, layers=(name,))
+    with pytest.raises(dam.AttachError, match=r"its LoRA layers cannot be gated \('base_model.*DoRA") as err:
         dam.attach(lora)
     assert "\n" not in str(err.value)
-    merged = lora.merge_and_unload()
-    gates = dam.attach(merged)
-    with torch.no_grad():
-        for g in gates.values():
-            g.beta.fill_(-2.0)
-    ids = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(0))
-    merged.eval()
-    with torch.no_grad():
-        small = dam.compact(merged, {"input_ids": ids})
-        assert torch.allclose(small(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Union
@@ -299,15 +298,6 @@ def _following_norm(model: nn.Module, name: str, module: nn.Module) -> tuple[str
     return None
 
 
-def _adapter_layer(model: nn.Module) -> str | None:
-    """The first peft adapter layer of ``model`` (LoRA's wrapped Linear), if peft is loaded."""
-    tuners = sys.modules.get("peft.tuners.tuners_utils")
-    base = getattr(tuners, "BaseTunerLayer", None)
-    if base is None:
-        return None
-    return next((name for name, m in model.named_modules() if isinstance(m, base)), None)
-
-
 def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers with units, outermost only (a PyG graph conv, not the Linear inside it)."""
     found: list[tuple[str, nn.Module]] = []
@@ -387,17 +377,12 @@ def plan(
         >>> plan(net)["0"].host
         '1'
     """
-    from torchdam import attention, pyg
+    from torchdam import attention, lora, pyg
 
     model = unwrap(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise AttachError("a TorchScript module cannot be gated (its forward is compiled): attach the "
                           "nn.Module, then script the compacted model")
-    adapted = _adapter_layer(model)
-    if adapted is not None:
-        raise AttachError(f"layer {adapted!r} is a peft adapter layer (LoRA and kin add a second path to the "
-                          "layer's output, which torchdam does not fold or remove yet): merge the adapters "
-                          "first (model = model.merge_and_unload()) and attach to the merged model")
     layers, exclude = tuple(layers), tuple(exclude)
     if not layers:
         raise AttachError("attach needs at least one layer type or name in `layers`")
@@ -460,7 +445,7 @@ def plan(
                if output_name and output_name not in not_by_type
                and _matches(output_name, model.get_submodule(output_name), layers) else "")
             + (f"; layers of one unit are gated only by name ({', '.join(map(repr, single[:3]))})" if single else "")
-            + pyg.unsupported(model)
+            + pyg.unsupported(model) + lora.unsupported(model)
         )
     return sites
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam import pyg
+from torchdam import lora, pyg
 from torchdam.attach import (
     GATE_ATTR, GATED_FORWARDS, LINEAR_LIKE, UNIT_LAYERS, GatedForward, GateHook, Site, _gate_values,
 )
@@ -131,12 +131,14 @@ def register_hf_layers() -> None:
 
 def register_library_layers() -> None:
     """Teach attach, compact and budgets the layers of the libraries a model is built with:
-    Transformers' ``Conv1D``, PyTorch Geometric (:mod:`torchdam.pyg`), diffusers
-    (:mod:`torchdam.diffusion`); each a no-op unless the library's files are loaded."""
+    Transformers' ``Conv1D``, PyTorch Geometric (:mod:`torchdam.pyg`), peft's LoRA
+    (:mod:`torchdam.lora`), diffusers (:mod:`torchdam.diffusion`); each a no-op unless the
+    library's files are loaded."""
     from torchdam import diffusion  # it builds on this module
 
     register_hf_layers()
     pyg.register_pyg_layers()
+    lora.register_lora_layers()
     diffusion.register_diffusers_layers()
 
 
@@ -171,7 +173,8 @@ def _linear_at(module: nn.Module, path: str, exact: bool = True) -> nn.Linear | 
         found = module.get_submodule(path)
     except AttributeError:
         return None
-    return found if type(found) is nn.Linear or not exact and isinstance(found, nn.Linear) else None
+    linear = type(found) is nn.Linear or not exact and isinstance(found, nn.Linear) or lora.is_lora(found)
+    return found if linear else None
 
 
 def _set(module: nn.Module, path: str, value) -> None:
@@ -179,16 +182,18 @@ def _set(module: nn.Module, path: str, value) -> None:
 
 
 def _out_width(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.nf
+    return layer.out_features if isinstance(layer, nn.Linear) or lora.is_lora(layer) else layer.nf
 
 
 def _in_width(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.weight.shape[0]
+    return layer.in_features if isinstance(layer, nn.Linear) or lora.is_lora(layer) else layer.weight.shape[0]
 
 
 def _pruner(layer: nn.Module) -> tp.pruner.function.BasePruningFunc:
     if isinstance(layer, nn.Linear):
         return tp.pruner.function.LinearPruner()
+    if lora.is_lora(layer):
+        return lora.LoraPruner()
     conv1d = conv1d_type()
     if conv1d is not None and isinstance(layer, conv1d):
         return Conv1DPruner()
@@ -207,7 +212,9 @@ def _remove_inputs(layer: nn.Module, idxs: list[int]) -> None:
 
 def _scale_inputs(layer: nn.Module, g: Tensor) -> None:
     """Multiply ``layer``'s input channels by ``g`` (fold a gate that acted on its input)."""
-    if isinstance(layer, nn.Linear):
+    if lora.is_lora(layer):
+        lora.scale_inputs(layer, g)
+    elif isinstance(layer, nn.Linear):
         layer.weight.mul_(g.to(layer.weight.dtype))
     else:  # Conv1D: inputs are the weight's rows
         layer.weight.mul_(g.to(layer.weight.dtype).unsqueeze(1))
@@ -794,11 +801,12 @@ def scan(model: nn.Module, heads: bool) -> tuple[dict[str, Site], set[str]]:
         if layout is not None:
             owned = {id(p) for p in layout.projections(module)}
             skip.update(prefix + n for n, c in module.named_modules() if n and id(c) in owned)
-            if (heads or not layout.heads) and name:
+            fixed = any(lora.refusal(p) for p in layout.projections(module))  # (DoRA: per-unit state)
+            if (heads or not layout.heads) and name and not fixed:
                 units, _, _ = layout.layout(module)
                 sites[name] = Site(name, name, units, -2, "heads")  # heads, or PairedUnits' units
         for child in (not_gated.get(type(module), ()) or _standard_not_gated(module) or pyg.not_gated(module)
-                      or diffusion.not_gated(module)):
+                      or lora.not_gated(module) or diffusion.not_gated(module)):
             skip.add(prefix + child)
     return sites, skip
 

@@ -82,7 +82,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam import attention, coupling, pyg
+from torchdam import attention, coupling, lora, pyg
 from torchdam.attach import (
     _units,
     detach,
@@ -217,7 +217,7 @@ class WidthModel:
         (summed over its calls); an attention module's include its children's."""
         records: list[tuple[nn.Module, tuple, dict]] = []
         watched = _leaves(work)
-        watched += [lin for m in watched if isinstance(m, pyg.layer_types()) for lin, _, _ in pyg.parts(m) if lin is not m]
+        watched += [lin for m in watched if isinstance(m, _composite_types()) for lin, _, _ in _parts(m) if lin is not m]
         hooks = [m.register_forward_hook(lambda m, a, kw, out: records.append((m, a, kw)), with_kwargs=True)
                  for m in watched + attentions]
         try:
@@ -266,7 +266,7 @@ class WidthModel:
                scattered: frozenset[int] = frozenset(), narrow: bool = True,
                kept: frozenset[int] = frozenset()) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
-        customized = (*attention.customized_pruners(), nn.GroupNorm, *pyg.layer_types())
+        customized = (*attention.customized_pruners(), nn.GroupNorm, *_composite_types())
         sides: dict[tuple[int, str], _Side] = {}
         seen: set[tuple] = set()
         #: (consumer, gates): a bias compact adds to the consumer while one of the gates has a dead unit
@@ -493,7 +493,7 @@ class WidthModel:
         counted: set[int] = set()  # a tied parameter is counted once, as torchdam.count does
         # per-unit parameters of head gates (a bias table in a leaf child) are priced per unit below
         by_unit = {id(p) for module, layout in heads.values() for p in layout.per_unit_parameters(module)}
-        whole = pyg.layer_types()
+        whole = _composite_types()
         for module in _leaves(work):
             out_i = side_index.get((id(module), "out"), -1)
             in_i = side_index.get((id(module), "in"), -1)
@@ -501,7 +501,7 @@ class WidthModel:
                 in_i = -1  # a depthwise conv's or a norm's work follows its (coupled) channels once
             flops = calls.get(id(module), 0)
             if isinstance(module, whole):  # each Linear by the sides it has; the rest by both
-                for lin, is_out, is_in in pyg.parts(module):
+                for lin, is_out, is_in in _parts(module):
                     o, i = (out_i if is_out else -1), (in_i if is_in else -1)
                     rows["flops"].append((calls.get(id(lin), 0), o, i, -1))
                     flops -= calls.get(id(lin), 0)
@@ -510,7 +510,7 @@ class WidthModel:
                             counted.add(id(p))
                             rows["params"].append((p.numel(), o, i if p.dim() > 1 else -1, -1))
                             rest["params"] -= p.numel()
-                for p in pyg.head_parameters(module):  # (1, heads, C): as wide as the output
+                for p in (pyg.head_parameters(module) if isinstance(module, pyg.layer_types()) else []):  # (1, heads, C)
                     counted.add(id(p))
                     rows["params"].append((p.numel(), out_i, -1, -1))
                     rest["params"] -= p.numel()
@@ -536,7 +536,7 @@ class WidthModel:
             # what the attention module computes itself (scores, an nn.MultiheadAttention's
             # projections applied by weight) and holds itself: per unit
             units = side_index[(id(module), _UNITS)]
-            inside = {id(m) for m in module.modules() if m is not module}
+            inside = {id(m) for m in _leaves(module) if m is not module}  # (a composite's parts: once, in it)
             own = calls.get(id(module), 0) - sum(calls.get(i, 0) for i in inside)
             rows["flops"].append((own, units, -1, -1))
             rest["flops"] -= own
@@ -604,10 +604,21 @@ class WidthModel:
         return float(self.relative(torch.ones(len(self.names), dtype=torch.float64), metric))
 
 
+def _composite_types() -> tuple[type, ...]:
+    """Layers made of Linears that Torch-Pruning sees as one (PyG's, peft's LoRA Linear)."""
+    found = lora.lora_type()
+    return (*pyg.layer_types(), *((found,) if found is not None else ()))
+
+
+def _parts(module: nn.Module) -> list[tuple[nn.Module, bool, bool]]:
+    """A composite layer's Linears with the sides they have (``(linear, out, in)``)."""
+    return lora.parts(module) if lora.is_lora(module) else pyg.parts(module)
+
+
 def _leaves(model: nn.Module) -> list[nn.Module]:
     """The layers priced one by one: modules with no child but a DAM gate (a gated layer is
-    a leaf layer), and PyG layers as a whole (one layer to Torch-Pruning; their Linears inside)."""
-    whole = pyg.layer_types()
+    a leaf layer), and composite layers as a whole (one layer to Torch-Pruning; their Linears inside)."""
+    whole = _composite_types()
     found, inside = [], set()
     for module in model.modules():
         if id(module) in inside or isinstance(module, DAMGate):

@@ -151,7 +151,7 @@ def _ungateable_reason(module: nn.Module) -> str | None:
 
 def register_unit_layer(
     layer_type: type,
-    units: str,
+    units: str | Callable[[nn.Module], int],
     axis: int = 1,
     *,
     fold: Callable[[nn.Module, Tensor], None] | None = None,
@@ -166,6 +166,36 @@ def register_unit_layer(
         from torchdam.compact import register_folder
 
         register_folder(layer_type, fold)
+
+
+def register_library_linear(
+    layer_type: type,
+    units: str | Callable[[nn.Module], int],
+    fold: Callable[[nn.Module, Tensor], None],
+    pruner: object,
+    *,
+    forward: Callable[[nn.Module, DAMGate, Tensor], Tensor] | None = None,
+    refuses: Callable[[nn.Module], str | None] | None = None,
+) -> None:
+    """Teach attach, compact and budgets another library's layer that works like a Linear
+    (units on the last axis; HF ``Conv1D``, peft's LoRA Linear, PyG's layers): its unit
+    count, folding rule, Torch-Pruning rule (``pruner``, for
+    :data:`torchdam.coupling.TP_PRUNERS`), optionally a fused gated ``forward``
+    (:data:`GATED_FORWARDS`) and why an instance cannot be gated (:data:`UNGATEABLE`). An
+    ``nn.Linear`` selector selects it. A no-op when the type is registered already."""
+    from torchdam.coupling import TP_PRUNERS
+
+    if layer_type in UNIT_LAYERS:
+        return
+    register_unit_layer(layer_type, units, -1, fold=fold)
+    if pruner is not None:
+        TP_PRUNERS[layer_type] = pruner
+    if forward is not None:
+        GATED_FORWARDS[layer_type] = forward
+    if refuses is not None:
+        UNGATEABLE[layer_type] = refuses
+    if layer_type not in LINEAR_LIKE:
+        LINEAR_LIKE.append(layer_type)
 
 
 def _unit_rule(cls: type) -> tuple[str | Callable[[nn.Module], int], int] | None:

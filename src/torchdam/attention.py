@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from torchdam import lora, pyg
 from torchdam.attach import (
-    GATE_ATTR, GATED_FORWARDS, LINEAR_LIKE, UNIT_LAYERS, GatedForward, GateHook, Site, _gate_values,
+    GATE_ATTR, GatedForward, GateHook, Site, _gate_values, register_library_linear,
 )
 from torchdam.errors import UnsupportedLayerError
 
@@ -118,15 +118,8 @@ def register_hf_layers() -> None:
     """Teach attach/compact HF ``Conv1D`` (units = ``nf``, gated and folded on the weight's
     columns) once transformers has been imported; a no-op otherwise or when done."""
     conv1d = conv1d_type()
-    if conv1d is None or conv1d in UNIT_LAYERS:
-        return
-    from torchdam.compact import FOLDERS
-
-    UNIT_LAYERS[conv1d] = ("nf", -1)
-    GATED_FORWARDS[conv1d] = _gated_conv1d
-    FOLDERS[conv1d] = _fold_conv1d
-    if conv1d not in LINEAR_LIKE:
-        LINEAR_LIKE.append(conv1d)
+    if conv1d is not None:
+        register_library_linear(conv1d, "nf", _fold_conv1d, Conv1DPruner(), forward=_gated_conv1d)
 
 
 def register_library_layers() -> None:

@@ -16,7 +16,7 @@ import sys
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam.attach import LINEAR_LIKE, UNGATEABLE, UNIT_LAYERS
+from torchdam.attach import register_library_linear
 
 
 def lora_type() -> type | None:
@@ -102,18 +102,9 @@ class LoraPruner(tp.pruner.function.BasePruningFunc):
 
 def register_lora_layers() -> None:
     """Teach attach/compact peft's LoRA Linear once peft's files are loaded (a no-op otherwise)."""
-    from torchdam.compact import FOLDERS
-    from torchdam.coupling import TP_PRUNERS
-
     cls = lora_type()
-    if cls is None or cls in UNIT_LAYERS:
-        return
-    UNIT_LAYERS[cls] = ("out_features", -1)
-    UNGATEABLE[cls] = _reason
-    FOLDERS[cls] = fold
-    TP_PRUNERS[cls] = LoraPruner()
-    if cls not in LINEAR_LIKE:
-        LINEAR_LIKE.append(cls)
+    if cls is not None:
+        register_library_linear(cls, "out_features", fold, LoraPruner(), refuses=_reason)
 
 
 def not_gated(module: nn.Module) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam.attach import LINEAR_LIKE, UNGATEABLE, UNIT_GROUPS, UNIT_LAYERS
+from torchdam.attach import UNIT_GROUPS, register_library_linear
 
 
 @dataclass(frozen=True)
@@ -236,21 +236,11 @@ class PygPruner(tp.pruner.function.BasePruningFunc):
 def register_pyg_layers() -> None:
     """Teach attach/compact the PyG layers of :data:`RULES` whose files are loaded (a no-op
     without PyG, or when done)."""
-    from torchdam.compact import FOLDERS
-    from torchdam.coupling import TP_PRUNERS
-
     for cls, rule in _types().items():
-        if cls in UNIT_LAYERS:
-            continue
-        UNIT_LAYERS[cls] = (rule.units, -1)
         if rule.head is not None:
             UNIT_GROUPS[cls] = rule.head
-        FOLDERS[cls] = _fold(rule)
-        TP_PRUNERS[cls] = PygPruner(rule)
-        if rule.conv:
-            UNGATEABLE[cls] = _conv_reason(rule)
-        if cls not in LINEAR_LIKE:
-            LINEAR_LIKE.append(cls)
+        register_library_linear(cls, rule.units, _fold(rule), PygPruner(rule),
+                                refuses=_conv_reason(rule) if rule.conv else None)
 
 
 def not_gated(module: nn.Module) -> tuple[str, ...]:

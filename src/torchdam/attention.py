@@ -135,12 +135,6 @@ def register_library_layers() -> None:
     diffusion.register_diffusers_layers()
 
 
-def customized_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
-    """Torch-Pruning rules for layer types it lacks (HF ``Conv1D``), for ``build_dependency``."""
-    conv1d = conv1d_type()
-    return {conv1d: Conv1DPruner()} if conv1d is not None else {}
-
-
 # ------------------------------------------------------------------ layer surgery helpers
 
 def _sub(module: nn.Module, path: str) -> nn.Module:

@@ -84,6 +84,7 @@ from torch import Tensor, nn
 
 from torchdam import attention, coupling, lora, pyg
 from torchdam.attach import (
+    LINEAR_LIKE,
     _units,
     detach,
     gate_paths,
@@ -175,7 +176,10 @@ class WidthModel:
         self.groups = [unit_group(work.get_submodule(host)) for _, host, _ in info]
         self._group = torch.tensor(self.groups, dtype=torch.float64)
         heads = self._head_gates(work, info)
-        inputs = self._sample(work, example_inputs)
+        #: whether the model cannot run on one sample (a graph's nodes and edges): then all of
+        #: ``example_inputs`` is what is measured
+        self._unbatched = not _runs(work, _one_sample(example_inputs))
+        inputs = self._sample(example_inputs)
         # measured gated: fused kernels that would skip a gate are off, as in the compacted copy
         flops, calls = self._measure(work, inputs, [m for m, _ in heads.values()])
         attention.keep_nested_tensors_off(work)  # as in compact's copy: encoders run as when gated
@@ -200,15 +204,8 @@ class WidthModel:
 
     # -- measuring
 
-    def _sample(self, model: nn.Module, example_inputs):
-        """What is measured: the first sample of ``example_inputs``, or all of them when
-        ``model`` cannot run on one (decided once, on the first call)."""
-        if not hasattr(self, "_unbatched"):
-            try:
-                run_eval(model, _one_sample(example_inputs))
-                self._unbatched = False
-            except TorchDAMError:
-                self._unbatched = True
+    def _sample(self, example_inputs):
+        """What is measured: the first sample of ``example_inputs``, or all of them."""
         return example_inputs if self._unbatched else _one_sample(example_inputs)
 
     @staticmethod
@@ -266,7 +263,7 @@ class WidthModel:
                scattered: frozenset[int] = frozenset(), narrow: bool = True,
                kept: frozenset[int] = frozenset()) -> dict[tuple[int, str], _Side]:
         modules = {id(m) for m in work.modules()}
-        customized = (*attention.customized_pruners(), nn.GroupNorm, *_composite_types())
+        customized = (*LINEAR_LIKE, nn.GroupNorm)  # other libraries' layers (registered), GroupNorm
         sides: dict[tuple[int, str], _Side] = {}
         seen: set[tuple] = set()
         #: (consumer, gates): a bias compact adds to the consumer while one of the gates has a dead unit
@@ -404,7 +401,7 @@ class WidthModel:
         kept = frozenset(i for i, (name, g) in enumerate(gates)
                          if i not in rescued and live[i] < g.n and self._whole(small.get_submodule(name),
                                                                                small.get_submodule(hosts[i]), g.n))
-        real = measure(small, self._sample(small, example_inputs))
+        real = measure(small, self._sample(example_inputs))
         for metric in METRICS:
             said = float(self.cost(torch.tensor(live, dtype=torch.float64), metric))
             if real[metric] > said * (1 + 1e-9) + 1e-6:
@@ -639,6 +636,14 @@ def _axis(module: nn.Module, p: Tensor, side: str) -> int:
     conv1d = attention.conv1d_type()  # HF Conv1D: a Linear with its weight transposed
     transposed = bool(getattr(module, "transposed", False)) or (conv1d is not None and isinstance(module, conv1d))
     return (1 if transposed else 0) if side == "out" else (0 if transposed else 1)
+
+
+def _runs(model: nn.Module, inputs) -> bool:
+    try:
+        run_eval(model, inputs)
+    except TorchDAMError:
+        return False
+    return True
 
 
 def _one_sample(example_inputs):

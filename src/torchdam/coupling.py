@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from torchdam import attention, pyg
+from torchdam import pyg
 from torchdam.attach import LINEAR_LIKE
 from torchdam.calling import as_tuple, call, compared_outputs
 from torchdam.errors import CompactionError, TorchDAMError, UnsupportedLayerError
@@ -379,7 +379,7 @@ def build_graph(small: nn.Module, example_inputs) -> tp.DependencyGraph:
               mock.patch.object(torch.utils.checkpoint, "CheckpointFunction", _RunThrough)):
             return tp.DependencyGraph().build_dependency(
                 small, example_inputs=inputs, forward_fn=call, output_transform=compared_outputs, verbose=False,
-                customized_pruners={**TP_PRUNERS, **attention.customized_pruners()})
+                customized_pruners=dict(TP_PRUNERS))
     except TorchDAMError:
         raise
     except Exception as exc:
